@@ -1,0 +1,293 @@
+"""The back-end's view of one vhost-user connection, without I/O.
+
+`Session.handle` decodes and validates a request against what has been negotiated so far,
+records the configuration it carries and returns an *event* saying what, if anything, the I/O
+layer must do about it (map memory, swap an fd, stop a ring). Requests that need nothing but an
+answer are answered here. Replies go through `Session.ack` so that REPLY_ACK is honoured in one
+place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rngd.protocol.codec import Message, MessageError, decode_u64, encode_reply, encode_u64
+from rngd.protocol.constants import (
+    MAX_QUEUE_SIZE,
+    RNG_DEVICE_FEATURES,
+    RNG_NUM_QUEUES,
+    RNG_PROTOCOL_FEATURES,
+    ProtocolFeatures,
+    Request,
+    VirtioFeatures,
+)
+from rngd.protocol.payloads import (
+    MemoryRegion,
+    VringAddr,
+    VringFd,
+    VringState,
+    decode_memory_table,
+)
+
+
+class RequestRejected(MessageError):
+    """A well-formed request that is not acceptable now (bad index, wrong order, ...)."""
+
+
+#: Requests whose reply carries data: the front-end blocks on it, so we must always answer
+#: (or hang up, if we cannot).
+REQUESTS_WITH_REPLY = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.GET_VRING_BASE,
+        Request.GET_QUEUE_NUM,
+        Request.GET_CONFIG,
+        Request.GET_INFLIGHT_FD,
+        Request.GET_MAX_MEM_SLOTS,
+        Request.GET_STATUS,
+        Request.GET_SHARED_OBJECT,
+        Request.SET_LOG_BASE,
+        Request.POSTCOPY_ADVISE,
+        Request.SET_DEVICE_STATE_FD,
+        Request.CHECK_DEVICE_STATE,
+    }
+)
+
+
+@dataclass
+class VringConfig:
+    """What the front-end has told us about one vring (addresses are not yet translated)."""
+
+    size: int = 0
+    base: int = 0
+    addr: VringAddr | None = None
+    enabled: bool = False
+
+
+# Events for the I/O layer. Each is answered with `Session.ack` once acted on (GetVringBase with
+# `Session.vring_base_reply`).
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Nothing to do but send `data` (None: nothing to send)."""
+
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class SetMemTable:
+    regions: list[MemoryRegion]
+    fds: list[int]
+
+
+@dataclass(frozen=True)
+class SetVringFd:
+    """A new kick, call or err fd (None: the front-end asked for polling mode / no fd)."""
+
+    request: Request
+    index: int
+    fd: int | None
+
+
+@dataclass(frozen=True)
+class GetVringBase:
+    index: int
+
+
+@dataclass(frozen=True)
+class VringChanged:
+    """Size, base, addresses or enable state changed: the I/O layer may start or stop a ring."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class ResetOwner:
+    pass
+
+
+Event = Reply | SetMemTable | SetVringFd | GetVringBase | VringChanged | ResetOwner
+
+
+@dataclass
+class Session:
+    device_features: int = int(RNG_DEVICE_FEATURES)
+    protocol_features: int = int(RNG_PROTOCOL_FEATURES)
+    num_queues: int = RNG_NUM_QUEUES
+    max_queue_size: int = MAX_QUEUE_SIZE
+    acked_features: int = 0
+    acked_protocol_features: int = 0
+    owner: bool = False
+    features_set: bool = False
+    vrings: list[VringConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.vrings = [VringConfig() for _ in range(self.num_queues)]
+
+    # --- negotiated state, as the I/O layer needs it ---
+
+    def has_feature(self, bit: VirtioFeatures) -> bool:
+        return bool(self.acked_features & bit)
+
+    @property
+    def reply_ack(self) -> bool:
+        return bool(self.acked_protocol_features & ProtocolFeatures.REPLY_ACK)
+
+    # --- replies ---
+
+    def ack(self, message: Message, ok: bool) -> bytes | None:
+        """The REPLY_ACK answer to a request without a reply of its own, if one is due."""
+        if message.need_reply and self.reply_ack and message.request not in REQUESTS_WITH_REPLY:
+            return encode_reply(message.request, encode_u64(0 if ok else 1))
+        return None
+
+    def vring_base_reply(self, index: int, next_avail: int) -> bytes:
+        self.vrings[index].base = next_avail
+        return encode_reply(Request.GET_VRING_BASE, VringState(index, next_avail).encode())
+
+    # --- dispatch ---
+
+    def handle(self, message: Message) -> Event:
+        """Validate and record `message`; raises MessageError (or RequestRejected) to refuse."""
+        try:
+            request = Request(message.request)
+        except ValueError:
+            raise RequestRejected(f"unknown request code {message.request}") from None
+        handler = getattr(self, f"_on_{request.name.lower()}", None)
+        if handler is None:
+            raise RequestRejected(f"{request.name} is not supported by an RNG device")
+        event: Event = handler(message)
+        return event
+
+    def _u64_reply(self, message: Message, value: int) -> Reply:
+        self._no_payload(message)
+        return Reply(encode_reply(message.request, encode_u64(value)))
+
+    @staticmethod
+    def _no_payload(message: Message) -> None:
+        # QEMU sends GET_VRING_BASE with a vring state; the plain GETs carry nothing (some
+        # front-ends send a zero u64 anyway, which is harmless).
+        if len(message.payload) not in (0, 8) or any(message.payload):
+            raise MessageError(f"{message.name}: unexpected payload of {len(message.payload)}")
+
+    def _vring(self, index: int, message: Message) -> VringConfig:
+        if not 0 <= index < self.num_queues:
+            raise RequestRejected(f"{message.name}: vring index {index} out of range")
+        return self.vrings[index]
+
+    def _on_get_features(self, message: Message) -> Event:
+        return self._u64_reply(message, self.device_features)
+
+    def _on_set_features(self, message: Message) -> Event:
+        features = decode_u64(message)
+        if features & ~self.device_features:
+            raise RequestRejected(
+                f"SET_FEATURES {features:#x} acks bits we never offered "
+                f"({features & ~self.device_features:#x})"
+            )
+        self.acked_features = features
+        if not self.features_set and not features & VirtioFeatures.PROTOCOL_FEATURES:
+            # Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings start enabled.
+            for vring in self.vrings:
+                vring.enabled = True
+        self.features_set = True
+        return Reply(None)
+
+    def _on_get_protocol_features(self, message: Message) -> Event:
+        return self._u64_reply(message, self.protocol_features)
+
+    def _on_set_protocol_features(self, message: Message) -> Event:
+        features = decode_u64(message)
+        if features & ~self.protocol_features:
+            raise RequestRejected(f"SET_PROTOCOL_FEATURES {features:#x} acks bits we never offered")
+        self.acked_protocol_features = features
+        return Reply(None)
+
+    def _on_get_queue_num(self, message: Message) -> Event:
+        return self._u64_reply(message, self.num_queues)
+
+    def _on_set_owner(self, message: Message) -> Event:
+        self._no_payload(message)
+        # QEMU sets the owner once per connection; a repeat is harmless, so accept it.
+        self.owner = True
+        return Reply(None)
+
+    def _on_reset_owner(self, message: Message) -> Event:
+        self._no_payload(message)
+        self.owner = False
+        self.acked_features = 0
+        self.features_set = False
+        self.vrings = [VringConfig() for _ in range(self.num_queues)]
+        return ResetOwner()
+
+    def _on_set_mem_table(self, message: Message) -> Event:
+        regions = decode_memory_table(message)
+        fds = message.take_fds(len(regions))
+        return SetMemTable(regions, fds)
+
+    def _on_set_vring_num(self, message: Message) -> Event:
+        state = VringState.decode(message)
+        vring = self._vring(state.index, message)
+        size = state.num
+        if not 1 <= size <= self.max_queue_size or size & (size - 1):
+            raise RequestRejected(
+                f"SET_VRING_NUM {size}: queue size must be a power of two "
+                f"in 1..{self.max_queue_size}"
+            )
+        vring.size = size
+        return VringChanged(state.index)
+
+    def _on_set_vring_base(self, message: Message) -> Event:
+        state = VringState.decode(message)
+        vring = self._vring(state.index, message)
+        if state.num > 0xFFFF:
+            raise RequestRejected(f"SET_VRING_BASE {state.num} is not a 16-bit ring index")
+        vring.base = state.num
+        return VringChanged(state.index)
+
+    def _on_set_vring_addr(self, message: Message) -> Event:
+        addr = VringAddr.decode(message)
+        vring = self._vring(addr.index, message)
+        if addr.flags & ~1:
+            raise RequestRejected(f"SET_VRING_ADDR: unknown flags {addr.flags:#x}")
+        # Split-ring alignment: descriptors 16, used ring 4, avail ring 2 (virtio 1.2, 2.7).
+        if addr.desc % 16 or addr.used % 4 or addr.avail % 2:
+            raise RequestRejected(
+                f"SET_VRING_ADDR: misaligned ring (desc {addr.desc:#x}, "
+                f"avail {addr.avail:#x}, used {addr.used:#x})"
+            )
+        vring.addr = addr
+        return VringChanged(addr.index)
+
+    def _on_get_vring_base(self, message: Message) -> Event:
+        state = VringState.decode(message)
+        self._vring(state.index, message)
+        return GetVringBase(state.index)
+
+    def _vring_fd(self, message: Message) -> Event:
+        target = VringFd.decode(message)
+        # Index first: a refused message must still have its fd closed by the caller.
+        self._vring(target.index, message)
+        if target.has_fd:
+            fd: int | None = message.take_fd()
+        else:
+            if message.fds:
+                raise MessageError(f"{message.name}: 'no fd' bit set but an fd was sent")
+            fd = None
+        return SetVringFd(Request(message.request), target.index, fd)
+
+    _on_set_vring_kick = _vring_fd
+    _on_set_vring_call = _vring_fd
+    _on_set_vring_err = _vring_fd
+
+    def _on_set_vring_enable(self, message: Message) -> Event:
+        state = VringState.decode(message)
+        vring = self._vring(state.index, message)
+        if not self.acked_features & VirtioFeatures.PROTOCOL_FEATURES:
+            raise RequestRejected("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
+        if state.num not in (0, 1):
+            raise RequestRejected(f"SET_VRING_ENABLE {state.num}: must be 0 or 1")
+        vring.enabled = bool(state.num)
+        return VringChanged(state.index)
