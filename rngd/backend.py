@@ -1,0 +1,363 @@
+"""One vhost-user connection: the I/O half of the session, and its vrings' kick-handler tasks.
+
+The protocol task reads messages, lets the sans-I/O `Session` validate and record them, then
+acts on the resulting event: maps memory, swaps eventfds, starts and stops vrings. Each started
+vring runs `RngDevice.run` in its own cancel scope inside the connection's nursery, so stopping
+one ring is cancelling one scope, and a disconnect is cancelling the nursery.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from rngd.device import Budget, RngDevice
+from rngd.incidents import IncidentLog
+from rngd.memory import GuestMemory, GuestMemoryError
+from rngd.protocol.codec import Message, MessageError, MessageReader, ProtocolError
+from rngd.protocol.constants import MAX_FDS_PER_MESSAGE, Request, VirtioFeatures
+from rngd.protocol.payloads import MemoryRegion
+from rngd.protocol.session import (
+    REQUESTS_WITH_REPLY,
+    GetVringBase,
+    Reply,
+    RequestRejected,
+    ResetOwner,
+    Session,
+    SetMemTable,
+    SetVringFd,
+    VringChanged,
+)
+from rngd.source import EntropySource
+from rngd.virtqueue import RingError, SplitQueue
+
+log = logging.getLogger(__name__)
+
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+_ONE = (1).to_bytes(8, "little")
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _signal(fd: int) -> None:
+    # EAGAIN means the counter is saturated: the guest has a wake-up pending anyway.
+    with contextlib.suppress(BlockingIOError):
+        os.write(fd, _ONE)
+
+
+@dataclass(eq=False)
+class Vring:
+    """The I/O state of one vring: its eventfds and, while started, its task."""
+
+    index: int
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    queue: SplitQueue | None = None
+    scope: trio.CancelScope | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    #: Set when the guest broke the ring; it stays stopped until the VMM restarts it.
+    broken: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.scope is not None
+
+    def interrupt(self) -> None:
+        if self.call_fd is not None:
+            _signal(self.call_fd)
+
+
+class Connection:
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        name: str,
+        source: EntropySource,
+        budget: Budget,
+    ) -> None:
+        self.sock = sock
+        self.name = name
+        self.prefix = f"{name}: "
+        self.session = Session()
+        self.reader = MessageReader()
+        self.memory: GuestMemory | None = None
+        self.vrings = [Vring(i) for i in range(self.session.num_queues)]
+        self.incident = IncidentLog(log, self.prefix)
+        self.device = RngDevice(source, budget, self.incident)
+        self._nursery: trio.Nursery | None = None
+
+    # --- lifetime ---
+
+    async def run(self) -> None:
+        """Serve the connection until the VMM hangs up or breaks the protocol.
+
+        Whatever way it ends, every task is cancelled, the memory unmapped and every fd we
+        received closed before this returns.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._serve()
+                except ProtocolError as exc:
+                    log.warning("%sdisconnecting: %s", self.prefix, exc)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self.reader.close()
+        for vring in self.vrings:
+            for fd in (vring.kick_fd, vring.call_fd, vring.err_fd):
+                _close(fd)
+            vring.kick_fd = vring.call_fd = vring.err_fd = None
+            vring.queue = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    async def _serve(self) -> None:
+        while True:
+            message = await self._receive()
+            if message is None:
+                log.info("%sVMM disconnected", self.prefix)
+                return
+            reply = await self._dispatch(message)
+            if reply is not None:
+                try:
+                    await self.sock.send(reply)
+                except OSError as exc:
+                    raise ProtocolError(f"cannot send reply: {exc}") from exc
+
+    async def _receive(self) -> Message | None:
+        """The next message, or None at a clean end of stream."""
+        while True:
+            message = self.reader.next()
+            if message is not None:
+                return message
+            try:
+                data, ancdata, flags, _ = await self.sock.recvmsg(
+                    self.reader.wanted(), _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError as exc:
+                raise ProtocolError(f"receive failed: {exc}") from exc
+            fds = _fds_from(ancdata)
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError("a message carried more fds than any request allows")
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                if self.reader.pending():
+                    raise ProtocolError("VMM hung up in the middle of a message")
+                return None
+            self.reader.feed(data, fds)
+
+    # --- requests ---
+
+    async def _dispatch(self, message: Message) -> bytes | None:
+        log.debug(
+            "%s%s flags=%#x size=%d fds=%d",
+            self.prefix,
+            message.name,
+            message.flags,
+            len(message.payload),
+            len(message.fds),
+        )
+        try:
+            event = self.session.handle(message)
+            return await self._apply(message, event)
+        except MessageError as exc:
+            kind = "refused" if isinstance(exc, RequestRejected) else "malformed"
+            self.incident("%s %s: %s", message.name, kind, exc)
+            if message.request in REQUESTS_WITH_REPLY:
+                # The VMM waits for an answer we cannot give; hanging up beats a hang.
+                raise ProtocolError(f"cannot answer {message.name}") from exc
+            return self.session.ack(message, False)
+        finally:
+            if message.fds:
+                self.incident("%s: closing %d unexpected fds", message.name, len(message.fds))
+                message.close_fds()
+
+    async def _apply(
+        self,
+        message: Message,
+        event: Reply | SetMemTable | SetVringFd | GetVringBase | VringChanged | ResetOwner,
+    ) -> bytes | None:
+        match event:
+            case Reply(data):
+                return data if data is not None else self.session.ack(message, True)
+            case SetMemTable(regions, fds):
+                await self._set_mem_table(regions, fds)
+            case SetVringFd(request, index, fd):
+                await self._set_vring_fd(request, self.vrings[index], fd)
+            case GetVringBase(index):
+                vring = self.vrings[index]
+                await self._stop(vring)
+                # The ring is stopped until the next SET_VRING_KICK starts it again.
+                self._replace_kick(vring, None)
+                vring.broken = False
+                return self.session.vring_base_reply(index, self.session.vrings[index].base)
+            case VringChanged(index):
+                await self._restart(self.vrings[index])
+            case ResetOwner():
+                for vring in self.vrings:
+                    await self._stop(vring)
+                    self._replace_kick(vring, None)
+                    _close(vring.call_fd)
+                    _close(vring.err_fd)
+                    vring.call_fd = vring.err_fd = None
+                    vring.broken = False
+                if self.memory is not None:
+                    self.memory.close()
+                    self.memory = None
+        return self.session.ack(message, True)
+
+    async def _set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None:
+        try:
+            new = GuestMemory.map(regions, fds)
+        except GuestMemoryError as exc:
+            raise RequestRejected(f"memory table not mapped: {exc}") from exc
+        finally:
+            # The mappings hold their own references; ours are no longer needed.
+            for fd in fds:
+                os.close(fd)
+        running = [v for v in self.vrings if v.running]
+        for vring in running:
+            await self._stop(vring)
+        old, self.memory = self.memory, new
+        if old is not None:
+            old.close()
+        log.info(
+            "%smemory table: %s",
+            self.prefix,
+            ", ".join(f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in new.regions),
+        )
+        for vring in running:
+            await self._restart(vring)
+
+    async def _set_vring_fd(self, request: Request, vring: Vring, fd: int | None) -> None:
+        if request == Request.SET_VRING_KICK:
+            if fd is None:
+                raise RequestRejected(
+                    "polling mode (SET_VRING_KICK without an fd) is not supported"
+                )
+            await self._stop(vring)
+            self._replace_kick(vring, fd)
+            await self._restart(vring)
+        elif request == Request.SET_VRING_CALL:
+            # The kick task reads call_fd each time it signals, so a swap needs no stop.
+            _close(vring.call_fd)
+            vring.call_fd = fd
+        else:
+            _close(vring.err_fd)
+            vring.err_fd = fd
+
+    def _replace_kick(self, vring: Vring, fd: int | None) -> None:
+        if vring.kick_fd is not None:
+            # Wakes any task still waiting on it (there is none once stopped; cheap insurance).
+            trio.lowlevel.notify_closing(vring.kick_fd)
+            os.close(vring.kick_fd)
+        vring.kick_fd = fd
+
+    # --- vring tasks ---
+
+    def _ready(self, vring: Vring) -> bool:
+        config = self.session.vrings[vring.index]
+        return (
+            self.memory is not None
+            and config.size > 0
+            and config.addr is not None
+            and config.enabled
+            and vring.kick_fd is not None
+            and not vring.broken
+        )
+
+    async def _restart(self, vring: Vring) -> None:
+        """Bring the vring's task in line with its configuration: stop it, start it if ready."""
+        await self._stop(vring)
+        if not self._ready(vring):
+            return
+        config = self.session.vrings[vring.index]
+        assert self.memory is not None and config.addr is not None and self._nursery is not None
+        try:
+            queue = SplitQueue(
+                self.memory,
+                config.size,
+                config.addr.desc,
+                config.addr.avail,
+                config.addr.used,
+                config.base,
+                event_idx=self.session.has_feature(VirtioFeatures.RING_EVENT_IDX),
+                indirect=self.session.has_feature(VirtioFeatures.RING_INDIRECT_DESC),
+            )
+        except RingError as exc:
+            raise RequestRejected(f"vring {vring.index} not started: {exc}") from exc
+        vring.queue = queue
+        await self._nursery.start(self._run_vring, vring, queue)
+        log.info(
+            "%svring %d started (size %d, next avail %d)",
+            self.prefix,
+            vring.index,
+            config.size,
+            config.base,
+        )
+
+    async def _run_vring(
+        self,
+        vring: Vring,
+        queue: SplitQueue,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        assert vring.kick_fd is not None
+        done = vring.done = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                vring.scope = scope
+                task_status.started()
+                await self.device.run(
+                    queue,
+                    vring.kick_fd,
+                    vring.interrupt,
+                    notify_on_empty=self.session.has_feature(VirtioFeatures.NOTIFY_ON_EMPTY),
+                )
+        except RingError as exc:
+            self.incident("vring %d stopped, the guest broke it: %s", vring.index, exc)
+            vring.broken = True
+            if vring.err_fd is not None:
+                _signal(vring.err_fd)
+        finally:
+            # Where the ring stands is where a restart must resume.
+            self.session.vrings[vring.index].base = queue.next_avail
+            vring.scope = None
+            done.set()
+
+    async def _stop(self, vring: Vring) -> None:
+        if vring.scope is None:
+            return
+        vring.scope.cancel()
+        # The task may be between a wake-up and its next checkpoint; wait until it has really
+        # stopped touching the ring before anyone reads next_avail or unmaps memory.
+        await vring.done.wait()
+        vring.queue = None
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % _FD_SIZE
+            fds.extend(array.array("i", data[:usable]))
+    return fds
