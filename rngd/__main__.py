@@ -1,0 +1,5 @@
+import sys
+
+from rngd.cli import main
+
+sys.exit(main())

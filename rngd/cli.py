@@ -1,0 +1,161 @@
+"""Command line: the same options as vhost-device-rng, plus a few an operator needs."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+from typing import Annotated
+
+import trio
+import typer
+
+from rngd import __version__
+from rngd.config import MAX_PERIOD_MS, ConfigError, DaemonConfig
+
+PROG = "vhost-device-rng"
+
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Share(enum.StrEnum):
+    SPLIT = "split"
+    FAIR = "fair"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"{PROG} (rngd) {__version__}")
+        raise typer.Exit()
+
+
+def _octal(value: str) -> int:
+    try:
+        return int(value, 8)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an octal mode such as 0660") from None
+
+
+@app.command(
+    help="vhost-user VirtIO RNG back-end: serves random bytes from FILENAME to guests "
+    "through vhost-user sockets PATH0 .. PATH<count-1>."
+)
+def run(
+    socket_path: Annotated[
+        str,
+        typer.Option(
+            "-s",
+            "--socket-path",
+            help="Location of the vhost-user Unix sockets; suffixed with 0 .. socket-count-1.",
+        ),
+    ],
+    filename: Annotated[
+        str,
+        typer.Option(
+            "-f", "--filename", "--rng-source", help="Random number generator source file."
+        ),
+    ] = "/dev/urandom",
+    socket_count: Annotated[
+        int, typer.Option("-c", "--socket-count", help="Number of guests (sockets) to serve.")
+    ] = 1,
+    period: Annotated[
+        int,
+        typer.Option(
+            "-p",
+            "--period",
+            help=f"Period in ms (1..{MAX_PERIOD_MS}) over which --max-bytes may be delivered.",
+        ),
+    ] = MAX_PERIOD_MS,
+    max_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "-m",
+            "--max-bytes",
+            help="Most bytes all guests together get per period (default: unlimited).",
+        ),
+    ] = None,
+    share: Annotated[
+        Share,
+        typer.Option(
+            "--share",
+            help="How guests share --max-bytes: 'split' gives each socket max-bytes/count "
+            "(as vhost-device-rng); 'fair' lets busy guests use what idle ones leave, "
+            "in equal shares.",
+        ),
+    ] = Share.SPLIT,
+    socket_mode: Annotated[
+        str,
+        typer.Option("--socket-mode", help="Permissions of the socket files, in octal."),
+    ] = "0600",
+    socket_group: Annotated[
+        str | None,
+        typer.Option("--socket-group", help="Group to own the socket files (with --socket-mode)."),
+    ] = None,
+    log_level: Annotated[
+        LogLevel,
+        typer.Option("--log-level", help="Log verbosity.", case_sensitive=False),
+    ] = LogLevel.INFO,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "-V", "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    from rngd.daemon import Daemon
+    from rngd.daemon import run as run_daemon
+
+    logging.basicConfig(
+        level=log_level.value.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = DaemonConfig(
+        socket_path=socket_path,
+        socket_count=socket_count,
+        filename=filename,
+        period_ms=period,
+        max_bytes=max_bytes,
+        share=share.value,
+        socket_mode=_octal(socket_mode),
+        socket_group=socket_group,
+    )
+    daemon = Daemon(config)
+    trio.run(run_daemon, daemon)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Every usage or configuration error is one line on stderr and exit 1."""
+    try:
+        result = app(args=argv, prog_name=PROG, standalone_mode=False)
+    except typer.TyperException as exc:
+        # Usage errors (a missing option, "abc" for a number): one line, not a help box.
+        format_message = getattr(exc, "format_message", None)
+        text = format_message() if callable(format_message) else str(exc)
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except (typer.Abort, KeyboardInterrupt):
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def console_main() -> None:
+    sys.exit(main())

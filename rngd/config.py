@@ -1,0 +1,62 @@
+"""The daemon's settings, checked before any socket is created."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+#: The original's default and maximum period: 2^16 ms.
+MAX_PERIOD_MS = 65536
+
+
+class ConfigError(Exception):
+    """A setting that makes starting impossible; the message names it for the operator."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket_path: str
+    socket_count: int = 1
+    filename: str = "/dev/urandom"
+    period_ms: int = MAX_PERIOD_MS
+    max_bytes: int | None = None
+    #: "split" (as the original: max_bytes // socket_count per socket) or "fair".
+    share: str = "split"
+    #: Permissions of the socket files; 0600 keeps other users' processes off our guests.
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+
+    def socket_paths(self) -> list[str]:
+        return [f"{self.socket_path}{i}" for i in range(self.socket_count)]
+
+    def validate(self) -> None:
+        if self.socket_count < 1:
+            raise ConfigError(f"--socket-count must be at least 1, not {self.socket_count}")
+        if not 1 <= self.period_ms <= MAX_PERIOD_MS:
+            raise ConfigError(f"--period must be in 1..{MAX_PERIOD_MS} ms, not {self.period_ms}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ConfigError(f"--max-bytes must be at least 1, not {self.max_bytes}")
+        if (
+            self.max_bytes is not None
+            and self.share == "split"
+            and self.max_bytes < self.socket_count
+        ):
+            raise ConfigError(
+                f"--max-bytes {self.max_bytes} split over {self.socket_count} sockets leaves "
+                "each nothing; raise it or use --share fair"
+            )
+        if self.share not in ("split", "fair"):
+            raise ConfigError(f"--share must be 'split' or 'fair', not {self.share!r}")
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError(f"--socket-mode {self.socket_mode:o} is not a permission mode")
+        directory = os.path.dirname(os.path.abspath(self.socket_path))
+        if not os.path.isdir(directory):
+            raise ConfigError(f"socket directory {directory} does not exist")
+        for path in self.socket_paths():
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISSOCK(mode):
+                raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
