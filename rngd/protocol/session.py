@@ -17,6 +17,7 @@ from rngd.protocol.constants import (
     RNG_DEVICE_FEATURES,
     RNG_NUM_QUEUES,
     RNG_PROTOCOL_FEATURES,
+    HeaderFlags,
     ProtocolFeatures,
     Request,
     VirtioFeatures,
@@ -53,6 +54,9 @@ REQUESTS_WITH_REPLY = frozenset(
         Request.CHECK_DEVICE_STATE,
     }
 )
+
+
+_REQUEST_FLAGS = HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY
 
 
 @dataclass
@@ -155,6 +159,9 @@ class Session:
             request = Request(message.request)
         except ValueError:
             raise RequestRejected(f"unknown request code {message.request}") from None
+        unknown_flags = message.flags & ~_REQUEST_FLAGS
+        if unknown_flags:
+            raise MessageError(f"{request.name}: reserved header flags {unknown_flags:#x} set")
         handler = getattr(self, f"_on_{request.name.lower()}", None)
         if handler is None:
             raise RequestRejected(f"{request.name} is not supported by an RNG device")
