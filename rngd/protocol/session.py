@@ -56,7 +56,8 @@ REQUESTS_WITH_REPLY = frozenset(
 )
 
 
-_REQUEST_FLAGS = HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY
+# int(): ~ on an IntFlag only inverts within the defined bits, hiding unknown ones.
+_REQUEST_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)
 
 
 @dataclass
