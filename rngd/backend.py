@@ -34,7 +34,7 @@ from rngd.protocol.session import (
     SetVringFd,
     VringChanged,
 )
-from rngd.source import EntropySource
+from rngd.source import EntropySource, SourceError
 from rngd.virtqueue import RingError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -338,6 +338,11 @@ class Connection:
             vring.broken = True
             if vring.err_fd is not None:
                 _signal(vring.err_fd)
+        except SourceError as exc:
+            # The source is shared; its failure is the host's problem, not this guest's. Stop
+            # this ring (the VMM can restart it) rather than take the connection down.
+            log.error("%svring %d stopped: %s", self.prefix, vring.index, exc)
+            vring.broken = True
         finally:
             # Where the ring stands is where a restart must resume.
             self.session.vrings[vring.index].base = queue.next_avail

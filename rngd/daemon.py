@@ -180,7 +180,11 @@ async def _serve_socket(
         with conn_sock:
             peer = _peer(conn_sock)
             log.info("%s: VMM connected (%s)", name, peer)
-            await Connection(conn_sock, name, source, budget).run()
+            try:
+                await Connection(conn_sock, name, source, budget).run()
+            except Exception:
+                # A bug must cost one connection, never the daemon and its other guests.
+                log.exception("%s: connection failed; accepting the next VMM", name)
 
 
 def _peer(sock: trio.socket.SocketType) -> str:
