@@ -1,0 +1,714 @@
+"""A tiny Linux test guest for real-QEMU runs, built on the fly from Debian packages.
+
+The guest is Debian's own kernel (`linux-image-*-amd64`, downloaded with `apt-get download`, never
+installed on the host) and an initramfs holding `busybox-static`, the virtio modules it needs and an
+`/init` script. Its whole job is to read `/dev/hwrng` and report on the serial console, so the
+host can check what a vhost-user RNG backend delivered to an unmodified guest driver.
+
+The result is cached under a folder keyed by a hash of everything that goes into it (package
+versions, the init script, the module list, the builder version), so a build happens once per
+kernel update or init change. Without a package index (no `apt-get update`, no network) the newest
+cached build is reused.
+
+What `/init` understands on the kernel command line:
+
+`rngtest.bytes=N`
+    how many bytes to read from /dev/hwrng (default 262144); 0 reads nothing.
+`rngtest.boots=N`
+    boot N times in one QEMU run (default 1): after its report the guest reboots with
+    `reboot -f` until it has booted N times, then powers off. An initramfs keeps nothing across a
+    reboot, so the count lives in a byte of the emulated CMOS RTC memory, which QEMU keeps across
+    a system reset (and starts at zero in every new QEMU process).
+`rngtest.dump=/dev/vda`
+    also write the bytes read to this block device (a raw `-drive` on the host), so that the host
+    can compare them byte for byte.
+`rngtest.wait=S`
+    seconds to wait for a virtio-rng hwrng to appear when a virtio RNG device exists (default 20).
+`rngtest.shell=1`
+    instead of powering off at the end, start a shell on the console.
+
+What it prints (one line each, `key=value` fields, see `parse_report`)::
+
+    RNGTEST-START boot=1 current=virtio_rng.0 bytes=262144
+    RNGTEST boot=1 current=virtio_rng.0 bytes=262144 seconds=0.412 sha256=<hex>
+    RNGTEST boot=1 current=none bytes=0 error=no-virtio-rng-device
+
+and `RNGTEST-REBOOT boot=1` before a reboot. The fill thread of the kernel's hwrng core also reads
+from the current hwrng (64 bytes now and then, to feed the entropy pool), so bytes userspace reads
+are the device's bytes in order but not necessarily all of them: see `match_stream`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+#: Bump when the builder's output changes for the same inputs (forces a rebuild of every cache).
+BUILDER_VERSION = "1"
+
+KERNEL_META_PACKAGE = "linux-image-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+
+#: Modules the guest loads (with their dependencies): the PCI transport, the RNG driver and the
+#: block driver for `rngtest.dump`. Any of them built into the kernel is skipped.
+GUEST_MODULES = ("virtio_pci", "virtio_rng", "virtio_blk")
+
+DEFAULT_BYTES = 256 * 1024
+
+#: Kernel command line for the test guest. `rng_core.default_quality=0` makes the hwrng core
+#: credit no entropy for what its fill thread takes, so that thread sleeps a full reseed interval
+#: between its 64-byte reads instead of draining the device while the guest's pool is not yet
+#: initialised.
+BASE_APPEND = "console=ttyS0 quiet rng_core.default_quality=0"
+
+INIT_SCRIPT = r"""#!/bin/sh
+# rngd test guest init: reads /dev/hwrng and reports on the console (see rngd/testing/guest.py).
+export PATH=/bin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp
+mount -t tmpfs tmpfs /tmp
+set -o pipefail
+
+BYTES=262144
+BOOTS=1
+DUMP=
+WAIT=20
+SHELL_MODE=0
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        rngtest.bytes=*) BYTES=${arg#*=} ;;
+        rngtest.boots=*) BOOTS=${arg#*=} ;;
+        rngtest.dump=*) DUMP=${arg#*=} ;;
+        rngtest.wait=*) WAIT=${arg#*=} ;;
+        rngtest.shell=*) SHELL_MODE=${arg#*=} ;;
+    esac
+done
+
+# Boot count across `reboot -f`: CMOS byte 0x48, which neither QEMU's PC firmware tables nor the
+# kernel's RTC driver use; QEMU keeps CMOS memory across a reset and zeroes it at start.
+CMOS_INDEX=72
+octal() { printf "\\$(printf %03o "$1")"; }
+cmos_get() {
+    octal $CMOS_INDEX | dd of=/dev/port bs=1 seek=112 count=1 conv=notrunc 2>/dev/null &&
+        dd if=/dev/port bs=1 skip=113 count=1 2>/dev/null | od -An -tu1 | tr -d ' \n'
+}
+cmos_set() {
+    octal $CMOS_INDEX | dd of=/dev/port bs=1 seek=112 count=1 conv=notrunc 2>/dev/null &&
+        octal "$1" | dd of=/dev/port bs=1 seek=113 count=1 conv=notrunc 2>/dev/null
+}
+BOOT=1
+if [ "$BOOTS" -gt 1 ]; then
+    prev=$(cmos_get)
+    case "$prev" in ''|*[!0-9]*) prev=0 ;; esac
+    [ "$prev" -ge "$BOOTS" ] && prev=0
+    BOOT=$((prev + 1))
+    cmos_set $BOOT
+fi
+
+finish() {
+    if [ "$BOOT" -lt "$BOOTS" ]; then
+        echo "RNGTEST-REBOOT boot=$BOOT"
+        reboot -f
+    fi
+    if [ "$SHELL_MODE" = 1 ]; then
+        echo "rngtest: starting a shell (poweroff -f to stop)"
+        setsid cttyhack sh
+    fi
+    poweroff -f
+    sleep 10
+}
+
+while read -r m; do
+    [ -n "$m" ] && { insmod "/lib/modules/$m.ko" || echo "RNGTEST-WARN insmod $m failed"; }
+done < /etc/rngtest-modules
+
+has_rng_device=0
+for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" = 0x0004 ] && has_rng_device=1
+done
+current=none
+tries=$((WAIT * 10))
+while :; do
+    current=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null || echo none)
+    case "$current" in virtio_rng*) break ;; esac
+    [ "$has_rng_device" = 1 ] && [ "$tries" -gt 0 ] || break
+    tries=$((tries - 1))
+    usleep 100000
+done
+case "$current" in
+    virtio_rng*) ;;
+    *)
+        err=no-virtio-rng-device
+        [ "$has_rng_device" = 1 ] && err=virtio-rng-not-current
+        echo "RNGTEST boot=$BOOT current=$current bytes=0 error=$err"
+        finish
+        ;;
+esac
+
+now_ns() {
+    awk '/^now at/ { print $3; ok = 1; exit } END { exit !ok }' /proc/timer_list 2>/dev/null ||
+        awk '{ printf "%d\n", $1 * 1000000000 }' /proc/uptime
+}
+echo "RNGTEST-START boot=$BOOT current=$current bytes=$BYTES"
+t0=$(now_ns)
+if [ -n "$DUMP" ]; then
+    head -c "$BYTES" /dev/hwrng > /tmp/rng.bin
+    rc=$?
+    t1=$(now_ns)
+    got=$(wc -c < /tmp/rng.bin)
+    sum=$(sha256sum /tmp/rng.bin | cut -d' ' -f1)
+    dd if=/tmp/rng.bin of="$DUMP" bs=65536 conv=notrunc,fsync 2>/dev/null || rc=dump-failed
+else
+    sum=$(head -c "$BYTES" /dev/hwrng | sha256sum | cut -d' ' -f1)
+    rc=$?
+    t1=$(now_ns)
+    got=$BYTES
+    [ "$rc" = 0 ] || got=unknown
+fi
+secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
+if [ "$rc" = 0 ]; then
+    echo "RNGTEST boot=$BOOT current=$current bytes=$got seconds=$secs sha256=$sum"
+else
+    echo "RNGTEST boot=$BOOT current=$current bytes=$got seconds=$secs error=read-failed-$rc"
+fi
+finish
+"""
+
+
+class GuestBuildError(Exception):
+    """The test guest could not be built (missing tool, package or module)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TestGuest:
+    """A built test guest: boot it with `-kernel kernel -initrd initrd -append append`."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    kernel: Path
+    initrd: Path
+    #: Kernel version the initramfs modules belong to, e.g. "6.1.0-56-amd64".
+    kernel_release: str
+    packages: Mapping[str, str]
+
+    def append(
+        self,
+        *,
+        bytes_to_read: int = DEFAULT_BYTES,
+        boots: int = 1,
+        dump: str | None = None,
+        wait: int | None = None,
+        shell: bool = False,
+        extra: str = "",
+    ) -> str:
+        """The kernel command line for one run of the guest's `/init`."""
+        parts = [BASE_APPEND, f"rngtest.bytes={bytes_to_read}"]
+        if boots != 1:
+            parts.append(f"rngtest.boots={boots}")
+        if dump:
+            parts.append(f"rngtest.dump={dump}")
+        if wait is not None:
+            parts.append(f"rngtest.wait={wait}")
+        if shell:
+            parts.append("rngtest.shell=1")
+        if extra:
+            parts.append(extra)
+        return " ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """One `RNGTEST...` line from the guest's console."""
+
+    kind: str  # "RNGTEST", "RNGTEST-START", "RNGTEST-REBOOT" or "RNGTEST-WARN"
+    fields: Mapping[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "RNGTEST" and "error" not in self.fields and "sha256" in self.fields
+
+    @property
+    def boot(self) -> int:
+        return int(self.fields.get("boot", "0"))
+
+    @property
+    def current(self) -> str:
+        return self.fields.get("current", "")
+
+    @property
+    def nbytes(self) -> int:
+        value = self.fields.get("bytes", "0")
+        return int(value) if value.isdigit() else 0
+
+    @property
+    def seconds(self) -> float:
+        return float(self.fields.get("seconds", "nan"))
+
+    @property
+    def sha256(self) -> str:
+        return self.fields.get("sha256", "")
+
+
+_REPORT_RE = re.compile(r"(RNGTEST(?:-[A-Z]+)?) (.*)$")
+
+
+def parse_report(line: str) -> Report | None:
+    """The report on one console line, or None. Tolerates console noise before the marker."""
+    match = _REPORT_RE.search(line.strip())
+    if match is None:
+        return None
+    fields: dict[str, str] = {}
+    for token in match.group(2).split():
+        key, sep, value = token.partition("=")
+        if sep:
+            fields[key] = value
+    return Report(match.group(1), fields)
+
+
+def match_stream(source: bytes, got: bytes, *, chunk: int = 64) -> tuple[int, int]:
+    """Check that `got` is `source` from some offset on, in order, with only whole chunks missing.
+
+    That is what a guest reading /dev/hwrng sees of a device that delivers `source`: the hwrng
+    core's own fill thread (and its early-randomness read) take whole device buffers, of `chunk`
+    bytes for the Linux virtio-rng driver, between the reads of userspace. Returns (offset of the
+    first byte in `source`, number of bytes skipped after it). Raises ValueError with the position
+    of the first byte that doesn't fit.
+    """
+    if not got:
+        return 0, 0
+    probe = got[: min(len(got), 32)]
+    start = source.find(probe)
+    if start < 0:
+        raise ValueError("the first bytes read are nowhere in the source")
+    pos, i, skipped = start, 0, 0
+    while i < len(got):
+        if source[pos : pos + chunk] == got[i : i + chunk]:
+            step = min(chunk, len(got) - i)
+            pos += step
+            i += step
+            continue
+        # A chunk went elsewhere: the next bytes read must start a later chunk of the source
+        # (device buffers are filled whole, so a gap spans whole buffers, possibly several).
+        # Find how far the matching run goes within this chunk first.
+        common = 0
+        while common < chunk and i + common < len(got) and source[pos + common] == got[i + common]:
+            common += 1
+        pos += common
+        i += common
+        if i >= len(got):
+            break
+        probe = got[i : i + min(chunk, len(got) - i)]
+        nxt = source.find(probe, pos + 1, pos + 1 + 64 * 1024)
+        if nxt < 0:
+            raise ValueError(f"byte {i} read does not follow the source in order")
+        skipped += nxt - pos
+        pos = nxt
+    return start, skipped
+
+
+# --- building ------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """`.cache/test-guest` in a source checkout, else under `$XDG_CACHE_HOME` (or ~/.cache)."""
+    env = os.environ.get("RNGD_TEST_GUEST_CACHE")
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "rngd").is_dir():
+        return root / ".cache" / "test-guest"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "rngd" / "test-guest"
+
+
+def _run(cmd: Sequence[str], *, cwd: Path | None = None) -> str:
+    try:
+        result = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise GuestBuildError(f"{cmd[0]} not found: the test guest is built on Debian") from exc
+    if result.returncode != 0:
+        raise GuestBuildError(
+            f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}"
+        )
+    return result.stdout
+
+
+def _apt_fields(package: str) -> dict[str, str]:
+    """The candidate version's control fields of a package, from the local apt index."""
+    text = _run(["apt-cache", "show", "--no-all-versions", package])
+    fields: dict[str, str] = {}
+    key = ""
+    for line in text.splitlines():
+        if not line:
+            if fields:
+                break
+            continue
+        if line[0].isspace() and key:
+            fields[key] += "\n" + line.strip()
+            continue
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    if "Version" not in fields:
+        raise GuestBuildError(f"apt-cache knows no candidate for {package}")
+    return fields
+
+
+def resolve_packages(kernel_package: str | None = None) -> dict[str, str]:
+    """{package: version} for the kernel image and busybox, as apt would install them now.
+
+    `linux-image-amd64` is a meta package: its Depends names the versioned image package.
+    """
+    if kernel_package is None:
+        depends = _apt_fields(KERNEL_META_PACKAGE).get("Depends", "")
+        names = re.findall(r"(linux-image-[0-9][^\s,(|]*-amd64)", depends)
+        if not names:
+            raise GuestBuildError(
+                f"cannot find the kernel image in {KERNEL_META_PACKAGE}: {depends}"
+            )
+        kernel_package = names[0]
+    return {
+        kernel_package: _apt_fields(kernel_package)["Version"],
+        BUSYBOX_PACKAGE: _apt_fields(BUSYBOX_PACKAGE)["Version"],
+    }
+
+
+def _download(package: str, version: str, debs: Path) -> Path:
+    debs.mkdir(parents=True, exist_ok=True)
+    arch_version = version.replace(":", "%3a")
+    for path in debs.glob(f"{package}_{arch_version}_*.deb"):
+        return path
+    # apt-get download drops privileges to _apt, which can't write to a root-owned folder;
+    # download into a world-writable temporary folder and move the file into the cache.
+    with tempfile.TemporaryDirectory(prefix="rngd-apt-") as tmp:
+        os.chmod(tmp, 0o777)
+        _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=Path(tmp))
+        found = list(Path(tmp).glob(f"{package}_*.deb"))
+        if not found:
+            raise GuestBuildError(f"apt-get download {package}={version} produced no .deb")
+        target = debs / found[0].name
+        shutil.move(str(found[0]), target)
+    return target
+
+
+def _elf_section(data: bytes, wanted: str) -> bytes:
+    """The contents of one section of a 64-bit little-endian ELF file (a kernel module)."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise GuestBuildError("not a 64-bit little-endian ELF module")
+    e_shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [
+        struct.unpack_from("<IIQQQQ", data, e_shoff + i * e_shentsize) for i in range(e_shnum)
+    ]
+    names_offset = headers[e_shstrndx][4]
+    for name_off, _type, _flags, _addr, offset, size in headers:
+        end = data.index(b"\0", names_offset + name_off)
+        if data[names_offset + name_off : end].decode() == wanted:
+            return data[offset : offset + size]
+    return b""
+
+
+def module_info(data: bytes) -> dict[str, str]:
+    """The `.modinfo` key=value strings of a kernel module (the first value of each key)."""
+    info: dict[str, str] = {}
+    for item in _elf_section(data, ".modinfo").split(b"\0"):
+        key, sep, value = item.decode(errors="replace").partition("=")
+        if sep and key not in info:
+            info[key] = value
+    return info
+
+
+def _decompress_module(path: Path) -> bytes:
+    name = path.name
+    if name.endswith(".ko"):
+        return path.read_bytes()
+    if name.endswith(".ko.xz"):
+        return lzma.decompress(path.read_bytes())
+    if name.endswith(".ko.gz"):
+        return gzip.decompress(path.read_bytes())
+    if name.endswith(".ko.zst"):
+        # Python 3.11 has no zstd in its standard library.
+        result = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=False)
+        if result.returncode != 0:
+            raise GuestBuildError(f"zstd -dc {path} failed: {result.stderr.decode()[-500:]}")
+        return result.stdout
+    raise GuestBuildError(f"unknown module format: {path}")
+
+
+def _module_name(path: Path) -> str:
+    return re.sub(r"\.ko(\.[a-z]+)?$", "", path.name).replace("-", "_")
+
+
+def resolve_modules(
+    modules_dir: Path, wanted: Iterable[str]
+) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """The modules to load, dependencies first, as (name, uncompressed .ko), and those built in.
+
+    Debian's package ships no modules.dep (depmod runs at install), so dependencies come from each
+    module's own `.modinfo` `depends=` list.
+    """
+    builtin: set[str] = set()
+    builtin_list = modules_dir / "modules.builtin"
+    if builtin_list.is_file():
+        builtin = {_module_name(Path(line)) for line in builtin_list.read_text().split()}
+    files = {_module_name(p): p for p in (modules_dir / "kernel").rglob("*.ko*")}
+    order: list[tuple[str, bytes]] = []
+    done: set[str] = set()
+    skipped: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        name = name.replace("-", "_")
+        if name in done:
+            return
+        if name in chain:
+            raise GuestBuildError(f"module dependency loop: {' -> '.join((*chain, name))}")
+        if name in builtin:
+            skipped.append(name)
+            done.add(name)
+            return
+        if name not in files:
+            raise GuestBuildError(f"kernel module {name} not found under {modules_dir}")
+        data = _decompress_module(files[name])
+        for dep in filter(None, module_info(data).get("depends", "").split(",")):
+            visit(dep, (*chain, name))
+        done.add(name)
+        order.append((name, data))
+
+    for name in wanted:
+        visit(name, ())
+    return order, skipped
+
+
+class _Cpio:
+    """A writer of `newc` cpio archives: what the kernel unpacks as an initramfs."""
+
+    def __init__(self, out: io.BufferedIOBase) -> None:
+        self._out = out
+        self._ino = 0
+
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
+        self._ino += 1
+        encoded = name.encode() + b"\0"
+        fields = (self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self._out.write(header + encoded + b"\0" * (-(len(header) + len(encoded)) % 4))
+        self._out.write(data + b"\0" * (-len(data) % 4))
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def close(self) -> None:
+        self._entry("TRAILER!!!", 0)
+
+
+def build_initramfs(
+    busybox: bytes, modules: Sequence[tuple[str, bytes]], init_script: str = INIT_SCRIPT
+) -> bytes:
+    """A gzip-compressed newc initramfs: busybox, the modules (in load order) and /init."""
+    raw = io.BytesIO()
+    cpio = _Cpio(raw)
+    for directory in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp"):
+        cpio.directory(directory)
+    # The kernel opens /dev/console for init's stdio before /init can mount devtmpfs.
+    cpio.chardev("dev/console", 5, 1)
+    cpio.file("bin/busybox", busybox, 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    for name, data in modules:
+        cpio.file(f"lib/modules/{name}.ko", data)
+    cpio.file("etc/rngtest-modules", "".join(f"{name}\n" for name, _ in modules).encode())
+    cpio.file("init", init_script.encode(), 0o755)
+    cpio.close()
+    return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
+
+
+def _inputs_key(packages: Mapping[str, str], init_script: str) -> str:
+    blob = json.dumps(
+        {
+            "builder": BUILDER_VERSION,
+            "packages": dict(sorted(packages.items())),
+            "modules": list(GUEST_MODULES),
+            "init": init_script,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _load(build_dir: Path) -> TestGuest | None:
+    manifest = build_dir / "manifest.json"
+    if not manifest.is_file():
+        return None
+    meta = json.loads(manifest.read_text())
+    kernel, initrd = build_dir / "vmlinuz", build_dir / "initrd.img"
+    if not (kernel.is_file() and initrd.is_file()):
+        return None
+    return TestGuest(kernel, initrd, meta["kernel_release"], meta["packages"])
+
+
+def _newest_cached(cache: Path) -> TestGuest | None:
+    builds = sorted(
+        (p for p in cache.iterdir() if (p / "manifest.json").is_file()),
+        key=lambda p: (p / "manifest.json").stat().st_mtime,
+        reverse=True,
+    )
+    for build_dir in builds:
+        guest = _load(build_dir)
+        if guest is not None:
+            return guest
+    return None
+
+
+def build_test_guest(
+    cache_dir: Path | None = None,
+    *,
+    kernel_package: str | None = None,
+    force: bool = False,
+    log: bool = True,
+) -> TestGuest:
+    """Build (or reuse) the test guest and return where its kernel and initramfs are."""
+    cache = cache_dir or default_cache_dir()
+
+    def say(message: str) -> None:
+        if log:
+            print(f"build-test-guest: {message}", file=sys.stderr, flush=True)
+
+    with _locked(cache):
+        try:
+            packages = resolve_packages(kernel_package)
+        except GuestBuildError as exc:
+            # No package index (apt-get update never ran, or no network): a cached build is
+            # better than nothing, as long as one exists.
+            cached = None if force else _newest_cached(cache)
+            if cached is None:
+                raise GuestBuildError(f"{exc} (run apt-get update first?)") from exc
+            say(f"cannot resolve packages ({exc}); using the cached build")
+            return cached
+        key = _inputs_key(packages, INIT_SCRIPT)
+        build_dir = cache / key
+        if not force:
+            cached = _load(build_dir)
+            if cached is not None:
+                return cached
+        say(f"building {key} from {', '.join(f'{p}={v}' for p, v in packages.items())}")
+        debs = {p: _download(p, v, cache / "debs") for p, v in packages.items()}
+        kernel_package = next(p for p in packages if p != BUSYBOX_PACKAGE)
+        with tempfile.TemporaryDirectory(prefix="unpack-", dir=cache) as tmp:
+            root = Path(tmp)
+            for deb in debs.values():
+                _run(["dpkg-deb", "-x", str(deb), str(root)])
+            releases = sorted((root / "lib" / "modules").iterdir())
+            if len(releases) != 1:
+                raise GuestBuildError(f"expected one kernel release in {kernel_package}")
+            release = releases[0].name
+            kernel = root / "boot" / f"vmlinuz-{release}"
+            busybox = root / "bin" / "busybox"
+            modules, builtin = resolve_modules(releases[0], GUEST_MODULES)
+            if builtin:
+                say(f"built into the kernel: {', '.join(builtin)}")
+            say(f"modules: {', '.join(name for name, _ in modules)}")
+            initrd = build_initramfs(busybox.read_bytes(), modules)
+            staging = cache / f".{key}.new"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            shutil.copyfile(kernel, staging / "vmlinuz")
+            (staging / "initrd.img").write_bytes(initrd)
+            (staging / "manifest.json").write_text(
+                json.dumps(
+                    {
+                        "builder": BUILDER_VERSION,
+                        "kernel_release": release,
+                        "packages": packages,
+                        "modules": [name for name, _ in modules],
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+            shutil.rmtree(build_dir, ignore_errors=True)
+            staging.rename(build_dir)
+        # Old builds and packages are dead weight once a newer kernel took over.
+        for old in cache.iterdir():
+            if old.is_dir() and old.name not in (key, "debs") and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+        wanted = {deb.name for deb in debs.values()}
+        for deb in (cache / "debs").glob("*.deb"):
+            if deb.name not in wanted:
+                deb.unlink()
+        guest = _load(build_dir)
+        assert guest is not None
+        return guest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="build-test-guest",
+        description="Build (or reuse) the rngd test guest: a Debian kernel and a busybox "
+        "initramfs whose /init reads /dev/hwrng and reports on the serial console.",
+    )
+    parser.add_argument("--cache-dir", type=Path, help="default: .cache/test-guest in the checkout")
+    parser.add_argument(
+        "--kernel-package", help="e.g. linux-image-6.1.0-56-amd64 (default: current)"
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead")
+    args = parser.parse_args(argv)
+    try:
+        guest = build_test_guest(
+            args.cache_dir, kernel_package=args.kernel_package, force=args.force
+        )
+    except GuestBuildError as exc:
+        print(f"build-test-guest: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "kernel": str(guest.kernel),
+                    "initrd": str(guest.initrd),
+                    "kernel_release": guest.kernel_release,
+                    "packages": dict(guest.packages),
+                    "append": guest.append(),
+                }
+            )
+        )
+    else:
+        print(f"kernel {guest.kernel}")
+        print(f"initrd {guest.initrd}")
+    return 0
