@@ -163,6 +163,12 @@ class Frontend:
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send bytes as they are, ``fds`` with the first of them."""
+        try:
+            await self._send(data, fds)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise BackendDisconnected(f"back-end hung up: {exc}") from exc
+
+    async def _send(self, data: bytes, fds: Sequence[int]) -> None:
         view = memoryview(data)
         if fds:
             sent = await self.sock.sendmsg(
@@ -177,9 +183,12 @@ class Frontend:
     async def _recv_exact(self, size: int) -> bytes:
         data = bytearray()
         while len(data) < size:
-            chunk, ancdata, _flags, _addr = await self.sock.recvmsg(
-                size - len(data), socket.CMSG_SPACE(_MAX_REPLY_FDS * 4)
-            )
+            try:
+                chunk, ancdata, _flags, _addr = await self.sock.recvmsg(
+                    size - len(data), socket.CMSG_SPACE(_MAX_REPLY_FDS * 4)
+                )
+            except ConnectionResetError as exc:
+                raise BackendDisconnected(f"back-end reset the connection: {exc}") from exc
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
