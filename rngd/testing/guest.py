@@ -310,7 +310,12 @@ def match_stream(source: bytes, got: bytes, *, chunk: int = 64) -> tuple[int, in
         # (device buffers are filled whole, so a gap spans whole buffers, possibly several).
         # Find how far the matching run goes within this chunk first.
         common = 0
-        while common < chunk and i + common < len(got) and source[pos + common] == got[i + common]:
+        while (
+            common < chunk
+            and i + common < len(got)
+            and pos + common < len(source)
+            and source[pos + common] == got[i + common]
+        ):
             common += 1
         pos += common
         i += common

@@ -162,9 +162,9 @@ def probe_kvm(qemu: str, guest: TestGuest, *, timeout: float = KVM_PROBE_TIMEOUT
     try:
         with QemuGuest(cmd, name="kvm-probe") as probe:
             report = probe.wait_report(timeout=timeout)
-            reason = None if report is not None else "the probe guest did not report"
-    except QemuError as exc:
-        reason = str(exc).splitlines()[0]
+            reason = None if report is not None else "QEMU exited: " + probe.output[-300:]
+    except QemuError:
+        reason = f"the test guest did not boot under KVM within {timeout:.0f} s"
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"key": key, "reason": reason}) + "\n")
@@ -208,6 +208,8 @@ class QemuGuest:
         self.cmd = list(cmd)
         self.name = name
         self.lines: list[str] = []
+        #: time.monotonic() when each line of `lines` arrived.
+        self.times: list[float] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._log: IO[str] | None = open(log_path, "w") if log_path else None  # noqa: SIM115
         self._echo = echo
@@ -229,6 +231,7 @@ class QemuGuest:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\r\n")
+            self.times.append(time.monotonic())
             self.lines.append(line)
             if self._log is not None:
                 self._log.write(line + "\n")
@@ -280,6 +283,13 @@ class QemuGuest:
 
         line = self.expect(wanted, timeout=timeout)
         return None if line is None else parse_report(line)
+
+    def first_time(self, marker: str) -> float:
+        """When the first console line containing `marker` arrived (time.monotonic())."""
+        for when, line in zip(self.times, list(self.lines), strict=False):
+            if marker in line:
+                return when
+        raise QemuError(f"{self.name}: no console line contains {marker!r}")
 
     def reports(self, kind: str = "RNGTEST") -> list[Report]:
         found = (parse_report(line) for line in list(self.lines))
@@ -359,7 +369,7 @@ class Rngd:
         if log_path is None:
             self._log_file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         else:
-            self._log_file = open(log_path, "wb")  # noqa: SIM115
+            self._log_file = open(log_path, "w+b")  # noqa: SIM115
         # Run this very rngd (a checkout need not be installed into `python`).
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])
