@@ -96,7 +96,16 @@ async def daemon_process(
     with one connect). Leaving sends SIGTERM unless the process has already exited, and with
     ``check_exit`` fails unless it exits with 0 within ``stop_timeout`` seconds.
     """
-    args = [sys.executable, "-m", "rngd", "--socket-path", socket_path, "-c", str(socket_count)]
+    args = [
+        sys.executable,
+        "-P",
+        "-m",
+        "rngd",
+        "--socket-path",
+        socket_path,
+        "-c",
+        str(socket_count),
+    ]
     if filename is not None:
         args += ["-f", filename]
     if max_bytes is not None:
@@ -107,7 +116,8 @@ async def daemon_process(
         args += ["--log-level", log_level]
     args += list(extra_args)
     env = dict(os.environ)
-    # Run the rngd this process imported, even when it is not the installed one.
+    # Run the rngd this process imported, even when it is not the installed one; -P keeps the
+    # working directory from shadowing it.
     source_root = os.path.dirname(os.path.dirname(os.path.abspath(rngd.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
     paths = [f"{socket_path}{i}" for i in range(socket_count)]
