@@ -390,3 +390,33 @@ async def test_signal_with_connected_guests_exits_cleanly(
     finally:
         for vmm in frontends:
             await vmm.aclose()
+
+
+async def test_stop_while_throttled_keeps_the_parked_request(
+    workdir: str, source: tuple[str, bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    """A request parked on the bandwidth budget when the VMM stops the ring is not counted in
+    GET_VRING_BASE: after a restart from that base it is served (once the period refills)
+    instead of being lost, which would hang the guest's one-request-at-a-time driver."""
+    data = source[1]
+    async with (
+        daemon_in_process(
+            os.path.join(workdir, "rng.sock"), filename=source[0], max_bytes=100
+        ) as paths,
+        await Frontend.connect(paths[0]) as vmm,
+    ):
+        queue = await vmm.start_qemu72(4)
+        queue.post(64)
+        queue.post(64)
+        queue.kick()
+        used = await queue.wait_used(2)
+        # The budget runs out inside the second request: a short completion, not a wait.
+        assert [u.len for u in used] == [64, 36]
+        queue.post(64)
+        queue.kick()
+        await vmm.get_features()
+        assert await vmm.stop() == 2
+        await vmm.start(queue, base=2)
+        (parked,) = await queue.wait_used()
+        assert parked.data == data[100:164]
+        assert trio.current_time() >= 65.536, "served before the period refilled the budget"
