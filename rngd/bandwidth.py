@@ -1,0 +1,343 @@
+"""The bandwidth scheduler: `--max-bytes` per `--period`, shared by every guest.
+
+Time is cut into windows ``[epoch + k*period, epoch + (k+1)*period)`` of trio's clock, ``epoch``
+being when the scheduler was made (or first used, if made outside ``trio.run``). Every grant is
+charged to the window it is made in, and no window is ever charged more than ``max_bytes``: that
+is checked against one counter, so it holds exactly whatever the sharing policy does.
+
+Nothing runs in the background. The accounting rolls over to a new window lazily, on the first
+call that sees the clock past the window's end, or when the parked tasks' timeouts fire at the
+window start. The refill is then handed out to the parked requests in the order they parked, by
+the scheduler itself, before anyone else is served; so no waiter can lose its turn to whichever
+task trio happens to run first.
+
+Sharing:
+
+* ``split`` (the default, as vhost-device-rng): each of the N guests may take
+  ``max_bytes // N`` per window, used or not.
+* ``fair``: max-min fair and work-conserving. At each refill every guest gets a *claim* on the
+  window's budget by water-filling: a guest with a request parked at the refill is assumed to
+  want without limit, any other guest to want what it took last window (so an idle guest
+  claims nothing and a light one only what it uses; a guest whose parked requests were
+  cancelled, by a ring stop or a disconnect, claims nothing until it asks again). A guest can
+  always take up to its claim; the budget nobody claimed is first come, first served. A guest
+  refused beyond its expected demand becomes unlimited at once and the claims are recomputed
+  from what is left, so a newcomer gets an equal share of whatever has not been taken yet, and
+  from the next window on contending guests get ``max_bytes / k`` each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+
+import trio
+
+
+class ShareMode(enum.Enum):
+    """How the guests share the budget (the `--share` option)."""
+
+    SPLIT = "split"
+    FAIR = "fair"
+
+
+class _Waiter:
+    """One parked `acquire` call."""
+
+    __slots__ = ("budget", "event", "granted", "want", "window")
+
+    def __init__(self, budget: GuestBudget, want: int) -> None:
+        self.budget = budget
+        self.want = want
+        self.granted = 0
+        self.window = 0
+        self.event = trio.Event()
+
+
+class BandwidthScheduler:
+    """The budget of `max_bytes` per `period` seconds, and the guests sharing it."""
+
+    def __init__(
+        self,
+        max_bytes: int | None,
+        period: float,
+        guests: int,
+        mode: ShareMode = ShareMode.SPLIT,
+    ) -> None:
+        """`max_bytes` None means unlimited: acquiring never parks and costs next to nothing.
+
+        Raises ValueError for a configuration that would starve guests: `max_bytes` below 1,
+        or, in split mode, below `guests` (each guest's share would be 0 bytes per period;
+        vhost-device-rng then completes every request empty, one per period).
+        """
+        if guests < 1:
+            raise ValueError(f"need at least one guest, not {guests}")
+        if not (math.isfinite(period) and period > 0):
+            raise ValueError(f"the period must be a positive number of seconds, not {period}")
+        if max_bytes is not None:
+            if max_bytes < 1:
+                raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+            if mode is ShareMode.SPLIT and max_bytes < guests:
+                raise ValueError(
+                    f"max_bytes {max_bytes} split over {guests} guests leaves each 0 bytes "
+                    "per period: raise max_bytes or use the fair mode"
+                )
+        self.max_bytes = max_bytes
+        self.period = period
+        self.mode = mode
+        self._quota = max_bytes // guests if max_bytes is not None else 0
+        self._guests = [GuestBudget(self, i) for i in range(guests)]
+        self._window = 0
+        self._claims_version = 0  # bumped by every _reserve
+        # A dict is an ordered set: FIFO order for the hand-out, O(1) removal on cancellation.
+        self._waiters: dict[_Waiter, None] = {}
+        self._epoch: float | None = None
+        # Made outside trio.run, there is no clock yet: then the first call fixes the epoch.
+        with contextlib.suppress(RuntimeError):
+            self._epoch = trio.current_time()
+
+    def guest(self, index: int) -> GuestBudget:
+        """The long-lived budget of socket `index` (it survives reconnections)."""
+        return self._guests[index]
+
+    @property
+    def epoch(self) -> float | None:
+        """trio time at which window 0 starts (None until first used, if made outside trio)."""
+        return self._epoch
+
+    def window_start(self, k: int) -> float:
+        """trio time at which window `k` starts; the refill of window k happens then."""
+        assert self._epoch is not None
+        return self._epoch + k * self.period
+
+    def _window_at(self, now: float) -> int:
+        k = math.floor((now - self.window_start(0)) / self.period)
+        # The division rounds; window boundaries are what window_start says (the parked tasks
+        # sleep until exactly that), so settle any disagreement in its favour.
+        while self.window_start(k + 1) <= now:
+            k += 1
+        while self.window_start(k) > now:
+            k -= 1
+        return k
+
+    def _advance(self) -> None:
+        """Bring the accounting to the window trio's clock is in, refilling if it moved on.
+
+        Every grant is made right after this, in the same step, so that it is charged to the
+        window it is actually made in.
+        """
+        now = trio.current_time()
+        if self._epoch is None:
+            self._epoch = now
+        window = self._window_at(now)
+        if window == self._window:
+            return
+        consecutive = window == self._window + 1
+        self._window = window
+        for guest in self._guests:
+            guest._roll_over(consecutive)
+        if self.mode is ShareMode.FAIR:
+            self._reserve()
+        self._hand_out()
+
+    def _reserve(self) -> None:
+        """Water-fill this window's budget into max-min fair claims.
+
+        A guest's claim is at least what it has taken already (a claim cannot take back bytes)
+        and at most its expected demand; `level` is the highest equal share that fits.
+        """
+        assert self.max_bytes is not None
+        budget = self.max_bytes
+        lows = [g._used for g in self._guests]
+        highs = [
+            budget if g._demand is None else max(g._used, min(g._demand, budget))
+            for g in self._guests
+        ]
+
+        def total(level: int) -> int:
+            return sum(min(max(level, lo), hi) for lo, hi in zip(lows, highs, strict=True))
+
+        low, high = 0, budget  # total(0) == bytes used so far <= budget
+        while low < high:
+            mid = (low + high + 1) // 2
+            if total(mid) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        claims = [min(max(low, lo), hi) for lo, hi in zip(lows, highs, strict=True)]
+        # The bytes the division leaves over go one each to guests still below their demand;
+        # the first in line rotates with the window so none is favoured period after period.
+        spare = budget - sum(claims)
+        count = len(claims)
+        for offset in range(count):
+            i = (self._window + offset) % count
+            if spare and lows[i] <= low < highs[i]:
+                claims[i] += 1
+                spare -= 1
+        for guest, claim in zip(self._guests, claims, strict=True):
+            guest._claim = claim
+        self._claims_version += 1
+
+    def _allowance(self, guest: GuestBudget) -> int:
+        """How many bytes `guest` may still take in this window."""
+        assert self.max_bytes is not None
+        if self.mode is ShareMode.SPLIT:
+            return self._quota - guest._used
+        # Everything but what the other guests have taken or still hold a claim on. Grants
+        # keep sum(max(claim, used)) <= max_bytes, so each guest can always reach its claim.
+        held = sum(max(g._claim, g._used) for g in self._guests if g is not guest)
+        return self.max_bytes - held - guest._used
+
+    def _take(self, guest: GuestBudget, want: int) -> int:
+        """Charge up to `want` bytes to `guest` in this window; returns the amount (maybe 0)."""
+        allowed = self._allowance(guest)
+        if allowed < want and self.mode is ShareMode.FAIR and guest._demand is not None:
+            # It wants more than it was expected to: give it an equal claim on what is left.
+            guest._demand = None
+            self._reserve()
+            allowed = self._allowance(guest)
+        granted = max(0, min(want, allowed))
+        guest._used += granted
+        return granted
+
+    def _hand_out(self) -> None:
+        """Serve parked requests in the order they parked, as far as the budget goes."""
+        progress = True
+        while progress:
+            # Another pass when something moved: a claim recomputed for a guest served late in
+            # the pass can free bytes for a request earlier in it.
+            progress = False
+            for waiter in list(self._waiters):
+                granted = self._take(waiter.budget, waiter.want)
+                if granted:
+                    waiter.granted, waiter.window = granted, self._window
+                    self._unpark(waiter)
+                    waiter.event.set()
+                    progress = True
+
+    def _unpark(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            del self._waiters[waiter]
+            waiter.budget._parked -= 1
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """A parked request was cancelled: forget it, and give back a grant it never saw."""
+        guest = waiter.budget
+        self._unpark(waiter)
+        self._advance()
+        if waiter.granted and waiter.window == self._window:
+            guest._used -= waiter.granted
+        if not guest._parked:
+            # Parked requests are cancelled when a ring stops or the guest goes away; unless it
+            # asks again, it should not keep a claim on the next windows.
+            guest._idle = True
+            if self.mode is ShareMode.FAIR:
+                guest._demand = 0
+                self._reserve()
+        self._hand_out()
+
+
+class GuestBudget:
+    """One guest's (socket's) view of the scheduler; its vrings' tasks share it."""
+
+    def __init__(self, scheduler: BandwidthScheduler, index: int) -> None:
+        self.index = index
+        self._scheduler = scheduler
+        self._used = 0  # bytes charged to this guest in the current window
+        self._parked = 0  # requests of this guest waiting in the scheduler's queue
+        self._demand: int | None = 0  # fair mode: expected demand this window, None = unlimited
+        self._claim = 0  # fair mode: bytes reserved for this guest this window
+        self._idle = False  # its parked requests were cancelled and it has not asked since
+        # What each task was granted this window and may still refund. Keyed by task so that a
+        # vring's late refund of an old window's grant is not credited to another's new one.
+        self._refundable: dict[trio.lowlevel.Task, int] = {}
+
+    def _roll_over(self, consecutive: bool) -> None:
+        # Parked at the refill means it wants more than it got. Otherwise expect it to want what
+        # it took last window: a guest that stopped asking keeps its claim one window at most.
+        if self._parked:
+            self._demand = None
+        else:
+            self._demand = self._used if consecutive and not self._idle else 0
+        self._used = 0
+        self._claim = 0
+        self._refundable.clear()
+
+    def _record(self, granted: int) -> None:
+        task = trio.lowlevel.current_task()
+        self._refundable[task] = self._refundable.get(task, 0) + granted
+
+    def try_acquire(self, want: int) -> int:
+        """Grant up to `want` bytes without waiting; 0 if this guest may take nothing now.
+
+        Returns 0 while other requests of this guest are parked, so none jumps their queue.
+        """
+        if want < 1:
+            raise ValueError(f"want must be at least 1, not {want}")
+        scheduler = self._scheduler
+        if scheduler.max_bytes is None:
+            return want
+        scheduler._advance()
+        self._idle = False
+        if self._parked:
+            return 0
+        version = scheduler._claims_version
+        granted = scheduler._take(self, want)
+        if scheduler._claims_version != version:
+            scheduler._hand_out()  # new claims may let another guest's parked request through
+        if granted:
+            self._record(granted)
+        return granted
+
+    async def acquire(self, want: int) -> int:
+        """Grant between 1 and `want` bytes, parking until a refill if nothing is left.
+
+        Parked requests are served in the order they parked, before any newcomer. A request
+        cancelled while parked takes nothing (a grant it was handed but never saw goes back).
+        A checkpoint, as trio's own primitives are.
+        """
+        if want < 1:
+            raise ValueError(f"want must be at least 1, not {want}")
+        scheduler = self._scheduler
+        if scheduler.max_bytes is None:
+            await trio.lowlevel.checkpoint()
+            return want
+        await trio.lowlevel.checkpoint_if_cancelled()
+        granted = self.try_acquire(want)
+        if granted:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return granted
+        waiter = _Waiter(self, want)
+        scheduler._waiters[waiter] = None
+        self._parked += 1
+        try:
+            while not waiter.granted:
+                with trio.move_on_at(scheduler.window_start(scheduler._window + 1)):
+                    await waiter.event.wait()
+                scheduler._advance()
+        except BaseException:
+            scheduler._withdraw(waiter)
+            raise
+        if waiter.window == scheduler._window:
+            self._record(waiter.granted)
+        return waiter.granted
+
+    def refund(self, unused: int) -> None:
+        """Give back bytes of a grant the source did not fill (short read, EOF, cancellation).
+
+        Only what the calling task was granted in the current window can come back: a window
+        that is over stays charged, so its total is never exceeded.
+        """
+        if unused < 0:
+            raise ValueError(f"cannot refund a negative amount ({unused})")
+        scheduler = self._scheduler
+        if scheduler.max_bytes is None or unused == 0:
+            return
+        scheduler._advance()
+        task = trio.lowlevel.current_task()
+        credit = min(unused, self._refundable.get(task, 0))
+        if credit:
+            self._refundable[task] -= credit
+            self._used -= credit
+            scheduler._hand_out()
