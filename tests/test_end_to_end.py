@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from rngd.protocol.constants import HeaderFlags, Request, VirtioFeatures
+from rngd.protocol.payloads import VringState
 from rngd.testing import (
     BackendDisconnected,
     DaemonProcess,
@@ -420,3 +421,36 @@ async def test_stop_while_throttled_keeps_the_parked_request(
         (parked,) = await queue.wait_used()
         assert parked.data == data[100:164]
         assert trio.current_time() >= 65.536, "served before the period refilled the budget"
+
+
+# -- the raw API, as hostile-guest and malformed-request tests use it ----------------------
+
+
+async def test_raw_descriptor_outside_memory_is_refused_and_ring_goes_on(
+    sock0: str, source: tuple[str, bytes]
+) -> None:
+    with trio.fail_after(STEP_TIMEOUT):
+        async with await Frontend.connect(sock0) as vmm:
+            queue = await vmm.start_qemu72(8)
+            # Between the two regions: no VMM mapping covers it.
+            queue.raw_post_buffer(7, 0x8000_0000, 64)
+            queue.kick(force=True)
+            (bad,) = await queue.wait_used()
+            assert (bad.id, bad.len, bad.tracked) == (7, 0, False)
+            assert queue.free_descriptors == 8
+            assert await vmm.read_random(128) == source[1][:128]
+
+
+async def test_refused_request_is_answered_and_connection_kept(sock0: str) -> None:
+    with trio.fail_after(STEP_TIMEOUT):
+        async with await Frontend.connect(sock0) as vmm:
+            await vmm.handshake()
+            assert vmm.reply_ack
+            reply = await vmm.request(
+                Request.SET_VRING_NUM, VringState(0, 3).encode(), need_reply=True
+            )
+            assert reply is not None and not reply.ok
+            unknown = await vmm.request(999, need_reply=True)
+            assert unknown is not None and not unknown.ok
+            await vmm.start(queue_size=4)
+            assert len(await vmm.read_random(64)) == 64

@@ -138,6 +138,9 @@ class DriverQueue:
         self._kicked_at = 0
         self._last_used = 0
         self._in_flight: dict[int, _Posted] = {}
+        #: Heads published by `raw_post_buffer`, with whether the descriptor was taken from
+        #: the free list (and goes back to it once used).
+        self._raw_heads: dict[int, bool] = {}
         self._calls_enabled = True
         #: Kicks actually sent (forced or needed), for tests of notification suppression.
         self.kicks = 0
@@ -320,8 +323,9 @@ class DriverQueue:
     def used(self, *, strict: bool = True) -> list[Used]:
         """Used entries added since the last look, their buffers freed for reuse.
 
-        With ``strict`` (the default) an id that is not in flight raises `DeviceMisbehaved`;
-        without, it is returned with ``tracked=False`` (for raw posts).
+        Entries for `raw_post_buffer` heads come back with ``tracked=False`` and no data. With
+        ``strict`` (the default) any other id that is not in flight raises `DeviceMisbehaved`;
+        without, it too is returned with ``tracked=False``.
         """
         used_idx = self.memory.read_u16(self.used_idx_addr)
         if (used_idx - self._last_used) & 0xFFFF > self.size:
@@ -334,6 +338,11 @@ class DriverQueue:
             slot = self.used_ring + 4 + 8 * (self._last_used % self.size)
             head, length = self.memory.unpack("II", slot)
             self._last_used = (self._last_used + 1) & 0xFFFF
+            if head in self._raw_heads:
+                if self._raw_heads.pop(head):
+                    self._free.append(head)
+                out.append(Used(head, length, b"", 0, tracked=False))
+                continue
             posted = self._in_flight.pop(head, None)
             if posted is None:
                 if strict:
@@ -371,12 +380,12 @@ class DriverQueue:
             )
         return Used(head, length, bytes(data), capacity)
 
-    async def wait_used(self, count: int = 1) -> list[Used]:
+    async def wait_used(self, count: int = 1, *, strict: bool = True) -> list[Used]:
         """Used entries, waiting on the call eventfd until at least ``count`` have arrived."""
-        out = self.used()
+        out = self.used(strict=strict)
         while len(out) < count:
             await self.wait_call()
-            out += self.used()
+            out += self.used(strict=strict)
         return out
 
     async def read_random(
@@ -454,8 +463,19 @@ class DriverQueue:
         head, length = self.memory.unpack("II", self.used_ring + 4 + 8 * (position % self.size))
         return head, length
 
-    def raw_post_buffer(self, head: int, addr: int, length: int, flags: int = DESC_F_WRITE) -> None:
-        """Write one descriptor and publish it at the next avail slot, untracked."""
-        self.raw_write_desc(head, addr, length, flags, 0)
+    def raw_post_buffer(
+        self, head: int, addr: int, length: int, flags: int = DESC_F_WRITE, next_: int = 0
+    ) -> None:
+        """Write descriptor ``head`` as given (any address, length, flags) and publish it at
+        the next avail slot. The harness keeps the descriptor out of its own posts until the
+        device uses it; `used` reports it with ``tracked=False``."""
+        if head in self._in_flight:
+            raise ValueError(f"descriptor {head} is in flight")
+        if head not in self._raw_heads:
+            taken = head in self._free
+            if taken:
+                self._free.remove(head)
+            self._raw_heads[head] = taken
+        self.raw_write_desc(head, addr, length, flags, next_)
         self.raw_write_avail_entry(self._avail_idx, head)
         self.raw_set_avail_idx(self._avail_idx + 1)
