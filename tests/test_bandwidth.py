@@ -1,10 +1,13 @@
 """The bandwidth scheduler, on trio's mock clock: per-window caps and shares, parking, refunds,
 cancellation and wake order. Every grant is recorded with the trio time it was returned at, and
-the windows are recomputed here from those times."""
+the windows are recomputed here from those times. Last, one real-time run through the daemon
+and the `rngd.testing` front-end."""
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -15,6 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rngd.bandwidth import BandwidthScheduler, GuestBudget, ShareMode
+from rngd.config import DaemonConfig
+from rngd.daemon import Daemon
+from rngd.testing import DriverQueue, Frontend
 
 Grant = tuple[int, float, int]  # guest index, trio time, bytes (negative: a refund)
 PERIOD = 1.0
@@ -533,3 +539,59 @@ def test_no_window_ever_exceeds_the_budget(
         assert sum(per_guest.values()) <= max_bytes, w
         if mode is ShareMode.SPLIT:
             assert max(per_guest.values()) <= max_bytes // guests, w
+
+
+# -- real time, through the daemon ------------------------------------------------------------
+
+
+async def keep_ring_full(queue: DriverQueue, log: list[tuple[float, int]]) -> None:
+    while True:
+        while queue.free_descriptors:
+            queue.post(64, publish=False)
+        queue.publish()
+        queue.kick()
+        for used in await queue.wait_used():
+            log.append((trio.current_time(), used.len))
+
+
+@pytest.mark.parametrize("share", ["split", "fair"])
+async def test_real_time_limit_through_the_daemon(share: str) -> None:
+    budget, period_ms, periods = 2048, 50, 12
+    period = period_ms / 1000
+    with tempfile.TemporaryDirectory(prefix="rngd-bw-") as tmp:
+        config = DaemonConfig(
+            os.path.join(tmp, "rng.sock"),
+            socket_count=2,
+            max_bytes=budget,
+            period_ms=period_ms,
+            share=share,
+        )
+        daemon = Daemon(config)
+        sched = daemon.scheduler
+        logs: list[list[tuple[float, int]]] = [[], []]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.serve)
+            vmms = [await Frontend.connect(path) for path in daemon.paths]
+            queues = [await vmm.start_qemu72(queue_size=8) for vmm in vmms]
+            start = trio.current_time()
+            with trio.move_on_at(start + periods * period):
+                async with trio.open_nursery() as guests:
+                    for queue, log in zip(queues, logs, strict=True):
+                        guests.start_soon(keep_ring_full, queue, log)
+            for vmm in vmms:
+                await vmm.aclose()
+            nursery.cancel_scope.cancel()
+    epoch = sched.epoch
+    assert epoch is not None and epoch <= start
+    # A byte the guest has seen was granted no later: by the end of window k, at most (k+1)
+    # budgets can have been completed, however late the completions arrive.
+    seen = sorted((t, n) for log in logs for t, n in log)
+    done = 0
+    for t, n in seen:
+        done += n
+        assert done <= budget * (window_of(t, epoch, period) + 1)
+    # And the budget is what limits: the guests get nearly all of it, in equal halves.
+    whole = window_of(start + periods * period, epoch, period) - window_of(start, epoch, period) - 1
+    assert done >= 0.9 * whole * budget
+    halves = [sum(n for _, n in log) for log in logs]
+    assert abs(halves[0] - halves[1]) <= 0.1 * done
