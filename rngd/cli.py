@@ -113,7 +113,7 @@ def run(
         ),
     ] = False,
 ) -> None:
-    from rngd.daemon import Daemon
+    from rngd.daemon import Daemon, block_stop_signals
     from rngd.daemon import run as run_daemon
 
     logging.basicConfig(
@@ -131,8 +131,12 @@ def run(
         socket_mode=_octal(socket_mode),
         socket_group=socket_group,
     )
+    block_stop_signals()
     daemon = Daemon(config)
-    trio.run(run_daemon, daemon)
+    try:
+        trio.run(run_daemon, daemon)
+    finally:
+        daemon.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,10 +197,22 @@ def _peer(sock: trio.socket.SocketType) -> str:
     return f"pid {pid}, uid {uid}, gid {gid}"
 
 
+#: Signals that stop the daemon. The CLI blocks them before creating the sockets (see
+#: `block_stop_signals`) so that one arriving before the event loop listens for it is held,
+#: not fatal: the default action would kill us and leave the socket files behind.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def block_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 async def run(daemon: Daemon) -> None:
     """Serve until SIGINT or SIGTERM, then clean up."""
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            # Any signal held since the sockets were created is delivered now, to the receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(daemon.serve)
                 async for signum in signals:
