@@ -72,8 +72,12 @@ class EntropySource:
         """Fill `buffers` in order with up to their total length; return how many bytes.
 
         Returns at least one byte: it waits (parking only the calling task) while the source
-        has nothing to give.
+        has nothing to give. Buffers of no length at all get 0 at once: a read of nothing
+        returns 0, which must not be taken for end of file (that would wait forever).
         """
+        if not any(len(b) for b in buffers):
+            await trio.lowlevel.checkpoint()
+            return 0
         async with self._lock:
             while True:
                 count = await self._read_once(buffers)
