@@ -172,15 +172,29 @@ def probe_kvm(qemu: str, guest: TestGuest, *, timeout: float = KVM_PROBE_TIMEOUT
 
 
 def choose_accel(
-    mode: str, qemu: str, guest: TestGuest | None, *, log: Callable[[str], None] | None = None
+    mode: str,
+    qemu: str,
+    guest: TestGuest | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
 ) -> str:
-    """`kvm` or `tcg` for `mode` in auto/kvm/tcg; auto tries KVM by booting the test guest."""
+    """`kvm` or `tcg` for `mode` in auto/kvm/tcg; auto tries KVM by booting the test guest.
+
+    A /dev/kvm that opens proves nothing (on a nested host it may run firmware and then spin
+    in the guest kernel), so without a test guest to try (given, or built here) auto means TCG.
+    """
     if mode in ("kvm", "tcg"):
         return mode
     if mode != "auto":
         raise QemuError(f"unknown accelerator {mode!r} (auto, kvm or tcg)")
+    reason: str | None
     if guest is None:
-        reason = None if os.access("/dev/kvm", os.R_OK | os.W_OK) else "/dev/kvm unusable"
+        try:
+            guest = build_test_guest(log=False)
+        except GuestBuildError as exc:
+            reason = f"no test guest to try it with: {exc}"
+        else:
+            reason = probe_kvm(qemu, guest)
     else:
         reason = probe_kvm(qemu, guest)
     if reason is None:
