@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 
 class IncidentLog:
     def __init__(
-        self, logger: logging.Logger, prefix: str, *, burst: int = 10, interval: float = 10.0
+        self,
+        logger: logging.Logger,
+        prefix: str,
+        *,
+        burst: int = 10,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._logger = logger
+        self._clock = clock
         self._prefix = prefix
         self._burst = burst
         self._interval = interval
@@ -24,7 +32,7 @@ class IncidentLog:
         self._suppressed = 0
 
     def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._window_start >= self._interval:
             if self._suppressed:
                 self._logger.warning(
