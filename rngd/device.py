@@ -19,6 +19,9 @@ from rngd.memory import GuestMemory
 from rngd.source import EntropySource
 from rngd.virtqueue import MAX_REQUEST_BYTES, ChainError, Segment, SplitQueue
 
+#: Requests served between forced checkpoints (and interrupts) while a ring stays busy.
+_BATCH = 32
+
 
 class Budget(Protocol):
     """One guest's view of the bandwidth scheduler (rngd.bandwidth)."""
@@ -73,10 +76,17 @@ class RngDevice:
             if queue.needs_interrupt(notify_on_empty):
                 interrupt()
 
+        served = 0
         try:
             while True:
                 while queue.pending():
                     await self.serve_one(queue, flush)
+                    served += 1
+                    if served % _BATCH == 0:
+                        # A guest that keeps its ring full must not starve the other tasks:
+                        # the fast path of serve_one never yields on its own.
+                        flush()
+                        await trio.lowlevel.checkpoint()
                 if not queue.enable_notifications():
                     break
         finally:
@@ -116,7 +126,10 @@ class RngDevice:
                 take = min(segment.length, limit)
                 views.append(memory.gpa_view(segment.addr, take))
                 limit -= take
-            return await self.source.read_into(views)
+            count = self.source.try_read(views)
+            if count is None:
+                count = await self.source.read_into(views)
+            return count
         finally:
             # Views pin the mapping; release them now so a disconnect can unmap it.
             for view in views:

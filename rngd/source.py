@@ -68,6 +68,26 @@ class EntropySource:
     def fileno(self) -> int:
         return self._fd
 
+    def try_read(self, buffers: Sequence[memoryview]) -> int | None:
+        """Read now, if that cannot wait: the count (>= 1), or None to await `read_into`.
+
+        The fast path of the common case (/dev/urandom, a file with data left): no lock, no
+        trip through the scheduler. A read that would wait (an empty FIFO, a device, end of
+        file, another reader already waiting) is left to `read_into`, which keeps the order.
+        """
+        if self.kind == "device" or self._lock.locked():
+            return None
+        try:
+            count = os.readv(self._fd, buffers)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise SourceError(f"reading {self.path}: {exc.strerror}") from exc
+        if count == 0:
+            return None
+        self._eof_logged = False
+        return count
+
     async def read_into(self, buffers: Sequence[memoryview]) -> int:
         """Fill `buffers` in order with up to their total length; return how many bytes.
 
