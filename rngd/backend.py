@@ -234,8 +234,7 @@ class Connection:
             # The mappings hold their own references; ours are no longer needed.
             for fd in fds:
                 os.close(fd)
-        running = [v for v in self.vrings if v.running]
-        for vring in running:
+        for vring in self.vrings:
             await self._stop(vring)
         old, self.memory = self.memory, new
         if old is not None:
@@ -245,7 +244,9 @@ class Connection:
             self.prefix,
             ", ".join(f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in new.regions),
         )
-        for vring in running:
+        # Every ring that is ready now starts: the ones that ran on the old table, and any
+        # configured before the first table (or whose rings the old table did not hold).
+        for vring in self.vrings:
             await self._restart(vring)
 
     async def _set_vring_fd(self, request: Request, vring: Vring, fd: int | None) -> None:
