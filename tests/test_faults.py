@@ -1,0 +1,348 @@
+"""Faults: VMMs that die, signals while guests wait, entropy sources in trouble, and many
+connections. Each has a documented behaviour; none stalls the event loop or another guest.
+
+The daemon runs as a real subprocess where its fds, memory or signals are checked, and in
+this process where only its behaviour is (faster).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+import rngd
+from rngd.testing import (
+    DaemonProcess,
+    Frontend,
+    daemon_in_process,
+    daemon_process,
+)
+
+STEP = 5.0
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="rngd-faults-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def source(workdir: str) -> tuple[str, bytes]:
+    data = os.urandom(1 << 20)
+    path = os.path.join(workdir, "entropy")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, data
+
+
+async def serves(path: str, nbytes: int = 64) -> bytes:
+    async with await Frontend.connect(path) as vmm:
+        await vmm.start_qemu72(4)
+        data = await vmm.read_random(nbytes)
+        assert len(data) == nbytes
+        return data
+
+
+async def settled_fd_count(daemon: DaemonProcess, path: str) -> int:
+    """The daemon's fd count once it has released the previous VMM on `path` (it serves one
+    VMM per socket at a time, so its reply to the next proves the previous one is gone)."""
+    async with await Frontend.connect(path) as probe:
+        await probe.get_features()
+        return daemon.fd_count()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# -- a VMM in another process, killed ------------------------------------------------------
+
+# The child plays a VMM with the rngd.testing front-end, says "ready" at the chosen moment and
+# waits to be killed.
+_CHILD = r"""
+import os, signal, struct, sys
+import trio
+from rngd.protocol.codec import encode_message
+from rngd.protocol.constants import Request
+from rngd.protocol.payloads import encode_memory_table
+from rngd.testing import Frontend, GuestMemory
+
+async def main(path, moment):
+    vmm = await Frontend.connect(path)
+    if moment == "mid_message":
+        await vmm.handshake()
+        memory = GuestMemory()
+        whole = encode_message(Request.SET_MEM_TABLE, encode_memory_table(memory.table), 8)
+        # Header and part of the payload, with the region fds: the rest never comes.
+        await vmm.send_raw(whole[:30], memory.fds)
+        print("ready", flush=True)
+    elif moment == "mid_batch":
+        queue = await vmm.start_qemu72(256)
+        await queue.read_random(1 << 16, chunk=4096, in_flight=None)
+        print("ready", flush=True)
+        # The ring kept full until the kill: the daemon is in the middle of a batch.
+        await queue.read_random(1 << 40, chunk=4096, in_flight=None)
+    else:
+        queue = await vmm.start_qemu72(256)
+        for _ in range(256):
+            queue.post(4096, publish=False)
+        queue.publish()
+        queue.kick(force=True)
+        print("ready", flush=True)
+    await trio.sleep_forever()
+
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+async def run_and_kill_vmm(path: str, moment: str) -> None:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rngd.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-P", "-c", _CHILD, path, moment],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        got = b""
+        while b"ready\n" not in got:
+            chunk = await proc.stdout.receive_some(64)
+            assert chunk, f"child VMM exited before it was ready ({got!r})"
+            got += chunk
+        proc.kill()  # SIGKILL: no goodbye, the kernel closes its end
+        assert await proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+
+
+@pytest.mark.parametrize("moment", ["mid_message", "mid_batch", "parked_on_budget"])
+async def test_vmm_sigkilled(moment: str, workdir: str) -> None:
+    """Behaviour: the daemon sees the hang-up, cancels the connection's tasks (a batch being
+    served, a request parked on the budget), unmaps its memory, closes every fd it received,
+    and the socket takes the next VMM; the other socket is served throughout."""
+    throttled = moment == "parked_on_budget"
+    async with daemon_process(
+        os.path.join(workdir, "rng.sock"),
+        socket_count=2,
+        filename="/dev/urandom",
+        # 2 sockets: 4096 bytes each per minute; the child's 256 requests park after one.
+        max_bytes=8192 if throttled else None,
+        log_level="info",
+    ) as daemon:
+        path0, path1 = daemon.socket_paths
+        with trio.fail_after(STEP):
+            baseline = await settled_fd_count(daemon, path0)
+            await run_and_kill_vmm(path0, moment)
+            assert await settled_fd_count(daemon, path0) == baseline, daemon.log()[-2000:]
+            if throttled:
+                # Budget spent: a new VMM on either socket is answered (not served).
+                await assert_responsive(path0)
+                await assert_responsive(path1)
+            else:
+                await serves(path0)
+                await serves(path1)
+        log = daemon.log()
+        assert "Traceback" not in log
+        assert "VMM disconnected" in log or "hung up in the middle of a message" in log
+        if moment == "mid_message":
+            assert "hung up in the middle of a message" in log
+
+
+# -- SIGTERM while guests wait for the budget -----------------------------------------------
+
+
+async def test_sigterm_while_guests_parked_on_rate_limit(
+    workdir: str, source: tuple[str, bytes]
+) -> None:
+    """`-m 64 -p 65536`: each guest drains its budget, then a request parks for a minute.
+    SIGTERM ends the daemon within 1 s, exit status 0, socket files removed."""
+    frontends: list[Frontend] = []
+    try:
+        async with daemon_process(
+            os.path.join(workdir, "rng.sock"),
+            socket_count=2,
+            filename=source[0],
+            max_bytes=64,
+            period_ms=65536,
+            check_exit=False,
+            log_level="info",
+        ) as daemon:
+            with trio.fail_after(STEP):
+                for path in daemon.socket_paths:
+                    vmm = await Frontend.connect(path)
+                    frontends.append(vmm)
+                    queue = await vmm.start_qemu72(4)
+                    # 64 bytes split over 2 sockets: 32 each, then nothing for 65.5 s.
+                    queue.post(64)
+                    queue.kick()
+                    (used,) = await queue.wait_used()
+                    assert used.len == 32
+                    queue.post(64)
+                    queue.kick()
+                    await vmm.get_features()
+                    assert queue.in_flight == 1  # parked, not served
+            start = trio.current_time()
+            code = await daemon.terminate(timeout=1.0)
+            assert trio.current_time() - start < 1.0
+            assert code == 0, daemon.log()
+            for path in daemon.socket_paths:
+                assert not os.path.lexists(path)
+    finally:
+        for vmm in frontends:
+            await vmm.aclose()
+
+
+# -- the entropy source in trouble ---------------------------------------------------------
+# One source is shared by every socket (as the original: one --filename): when it has
+# nothing to give, every guest's requests wait, on every socket. What must go on is
+# everything else: the protocol on every connection, other rings, the daemon.
+
+
+async def assert_responsive(path: str, rounds: int = 20, limit: float = 0.25) -> None:
+    """A new VMM on `path` gets `rounds` replies, each within `limit` seconds."""
+    async with await Frontend.connect(path) as vmm:
+        for _ in range(rounds):
+            with trio.fail_after(limit):
+                await vmm.get_features()
+
+
+async def test_regular_file_at_eof_waits_then_serves_appended_data(workdir: str) -> None:
+    """Behaviour: at end of file a request waits (it is not completed empty, which would make
+    the guest spin); the file is retried every second, so appended data is served."""
+    path = os.path.join(workdir, "short")
+    head, tail = os.urandom(128), os.urandom(64)
+    with open(path, "wb") as f:
+        f.write(head)
+    async with (
+        daemon_in_process(
+            os.path.join(workdir, "rng.sock"), filename=path, socket_count=2
+        ) as paths,
+        await Frontend.connect(paths[0]) as vmm,
+    ):
+        queue = await vmm.start_qemu72(4)
+        with trio.fail_after(STEP):
+            assert await queue.read_random(128) == head
+            queue.post(64)
+            queue.kick()
+            # Waiting: the protocol is answered here and on the other socket meanwhile.
+            await vmm.get_features()
+            await assert_responsive(paths[1])
+            assert queue.in_flight == 1
+            with open(path, "ab") as f:
+                f.write(tail)
+            (used,) = await queue.wait_used()
+        assert used.data == tail
+
+
+async def test_fifo_without_writer(workdir: str) -> None:
+    """Behaviour: the daemon starts on a FIFO nobody writes to yet (opened non-blocking);
+    requests wait, the protocol is answered on every socket, and once a writer comes the
+    waiting request is served with its bytes."""
+    fifo = os.path.join(workdir, "fifo")
+    os.mkfifo(fifo)
+    async with (
+        daemon_in_process(
+            os.path.join(workdir, "rng.sock"), filename=fifo, socket_count=2
+        ) as paths,
+        await Frontend.connect(paths[0]) as vmm,
+    ):
+        queue = await vmm.start_qemu72(4)
+        with trio.fail_after(STEP):
+            queue.post(64)
+            queue.kick()
+            await vmm.get_features()
+            await assert_responsive(paths[1])
+            assert queue.in_flight == 1
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                data = os.urandom(64)
+                os.write(writer, data)
+                (used,) = await queue.wait_used()
+            finally:
+                os.close(writer)
+        assert used.data == data
+
+
+async def test_slow_source_parks_only_the_reader(workdir: str) -> None:
+    """Behaviour: a FIFO fed 16 bytes every 20 ms serves short completions as bytes come
+    (virtio-rng allows fewer bytes than offered); while it trickles, another socket's
+    protocol requests are answered promptly (the loop is not blocked by the reader)."""
+    fifo = os.path.join(workdir, "fifo")
+    os.mkfifo(fifo)
+    fed = bytearray()
+
+    async def trickle(writer: int) -> None:
+        while True:
+            chunk = os.urandom(16)
+            os.write(writer, chunk)
+            fed.extend(chunk)
+            await trio.sleep(0.02)
+
+    async with daemon_in_process(
+        os.path.join(workdir, "rng.sock"), filename=fifo, socket_count=2
+    ) as paths:
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle, writer)
+                async with await Frontend.connect(paths[0]) as vmm:
+                    await vmm.start_qemu72(4)
+                    with trio.fail_after(STEP):
+                        async with trio.open_nursery() as inner:
+                            inner.start_soon(assert_responsive, paths[1], 30, 0.1)
+                            got = await vmm.read_random(256, chunk=256)
+                    assert got == bytes(fed[:256])
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(writer)
+
+
+# -- many connections ----------------------------------------------------------------------
+
+CYCLES = int(os.environ.get("RNGD_CYCLES", "10000"))
+
+
+async def test_connect_disconnect_cycles_flat_fds_and_memory(
+    workdir: str, source: tuple[str, bytes]
+) -> None:
+    """Bare connect + GET_FEATURES + hang-up, 10,000 times (RNGD_CYCLES to change it): the
+    daemon's fd count is back where it was, and its resident memory has not grown by more
+    than noise."""
+    async with daemon_process(
+        os.path.join(workdir, "rng.sock"), filename=source[0], log_level="warning"
+    ) as daemon:
+        path = daemon.socket_paths[0]
+        with trio.fail_after(60):
+            for _ in range(200):  # warm-up: allocator pools, caches
+                async with await Frontend.connect(path) as vmm:
+                    await vmm.get_features()
+            fds = await settled_fd_count(daemon, path)
+            rss = rss_kib(daemon.pid)
+            for _ in range(CYCLES):
+                async with await Frontend.connect(path) as vmm:
+                    await vmm.get_features()
+            assert await settled_fd_count(daemon, path) == fds
+            grown = rss_kib(daemon.pid) - rss
+        assert grown < 1024, f"RSS grew by {grown} KiB over {CYCLES} cycles"
+        await serves(path)
