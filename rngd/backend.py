@@ -117,6 +117,7 @@ class Connection:
             self._release()
 
     def _release(self) -> None:
+        self.incident.flush()
         self.reader.close()
         for vring in self.vrings:
             for fd in (vring.kick_fd, vring.call_fd, vring.err_fd):

@@ -34,16 +34,22 @@ class IncidentLog:
     def __call__(self, message: str, *args: object) -> None:
         now = self._clock()
         if now - self._window_start >= self._interval:
-            if self._suppressed:
-                self._logger.warning(
-                    "%s%d more incidents not logged in the last %.0f s",
-                    self._prefix,
-                    self._suppressed,
-                    self._interval,
-                )
-            self._window_start, self._logged, self._suppressed = now, 0, 0
+            self.flush()
+            self._window_start, self._logged = now, 0
         if self._logged < self._burst:
             self._logged += 1
             self._logger.warning(self._prefix + message, *args)
         else:
             self._suppressed += 1
+
+    def flush(self) -> None:
+        """Log the count of what was held back (also when the connection ends, so that a
+        guest that stops misbehaving does not leave it untold)."""
+        if self._suppressed:
+            self._logger.warning(
+                "%s%d more incidents not logged in the last %.0f s",
+                self._prefix,
+                self._suppressed,
+                self._interval,
+            )
+            self._suppressed = 0
