@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -30,23 +28,6 @@ from rngd.testing import (
 SOURCE_SIZE = 1 << 20
 #: Generous bound for one exchange; a hang means a lost kick or call, which must fail.
 STEP_TIMEOUT = 5.0
-
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    # Not tmp_path: parametrized test names make paths longer than sun_path's 108 bytes.
-    path = tempfile.mkdtemp(prefix="rngd-e2e-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def source(workdir: str) -> tuple[str, bytes]:
-    data = os.urandom(SOURCE_SIZE)
-    path = os.path.join(workdir, "entropy")
-    with open(path, "wb") as f:
-        f.write(data)
-    return path, data
 
 
 @pytest.fixture

@@ -8,12 +8,9 @@ this process where only its behaviour is (faster).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -27,22 +24,6 @@ from rngd.testing import (
 )
 
 STEP = 5.0
-
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="rngd-faults-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def source(workdir: str) -> tuple[str, bytes]:
-    data = os.urandom(1 << 20)
-    path = os.path.join(workdir, "entropy")
-    with open(path, "wb") as f:
-        f.write(data)
-    return path, data
 
 
 async def serves(path: str, nbytes: int = 64) -> bytes:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -29,37 +27,12 @@ from rngd.testing import (
     PAGE_SIZE,
     BackendDisconnected,
     Frontend,
-    daemon_in_process,
     new_eventfd,
     open_fd_count,
 )
 
 STEP = 5.0
 NEED = HeaderFlags.NEED_REPLY
-
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="rngd-msg-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def source(workdir: str) -> tuple[str, bytes]:
-    data = os.urandom(1 << 20)
-    path = os.path.join(workdir, "entropy")
-    with open(path, "wb") as f:
-        f.write(data)
-    return path, data
-
-
-@pytest.fixture
-async def socks(source: tuple[str, bytes], workdir: str) -> AsyncIterator[list[str]]:
-    async with daemon_in_process(
-        os.path.join(workdir, "rng.sock"), filename=source[0], socket_count=2
-    ) as paths:
-        yield paths
 
 
 # -- fds the hostile VMM sends -------------------------------------------------------------

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -30,7 +28,6 @@ from rngd.testing import (
     DriverQueue,
     Frontend,
     GuestMemory,
-    daemon_in_process,
 )
 
 STEP = 5.0
@@ -41,30 +38,6 @@ CANARY = b"\x5a\xc3\x3c\xa5"
 SOURCE_SIZE = 1 << 20
 #: Where hostile descriptors go: far from the low indices the harness's own posts use.
 H = QUEUE_SIZE - 1
-
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="rngd-hostile-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def source(workdir: str) -> tuple[str, bytes]:
-    data = os.urandom(SOURCE_SIZE)
-    path = os.path.join(workdir, "entropy")
-    with open(path, "wb") as f:
-        f.write(data)
-    return path, data
-
-
-@pytest.fixture
-async def socks(source: tuple[str, bytes], workdir: str) -> AsyncIterator[list[str]]:
-    async with daemon_in_process(
-        os.path.join(workdir, "rng.sock"), filename=source[0], socket_count=2
-    ) as paths:
-        yield paths
 
 
 # -- guest memory checks -------------------------------------------------------------------
