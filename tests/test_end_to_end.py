@@ -25,7 +25,6 @@ from rngd.testing import (
     open_fd_count,
 )
 
-SOURCE_SIZE = 1 << 20
 #: Generous bound for one exchange; a hang means a lost kick or call, which must fail.
 STEP_TIMEOUT = 5.0
 

@@ -35,7 +35,6 @@ QUEUE_SIZE = 16
 #: Written over all of guest memory before the rings are laid out, so that any stray write
 #: shows (compared against a snapshot, so even a write of the same value is caught there).
 CANARY = b"\x5a\xc3\x3c\xa5"
-SOURCE_SIZE = 1 << 20
 #: Where hostile descriptors go: far from the low indices the harness's own posts use.
 H = QUEUE_SIZE - 1
 
