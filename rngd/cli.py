@@ -40,6 +40,12 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _capabilities(value: bool) -> None:
+    if value:
+        print('{"type": "rng"}')
+        raise typer.Exit()
+
+
 def _octal(value: str) -> int:
     try:
         return int(value, 8)
@@ -53,13 +59,14 @@ def _octal(value: str) -> int:
 )
 def run(
     socket_path: Annotated[
-        str,
+        str | None,
         typer.Option(
             "-s",
             "--socket-path",
             help="Location of the vhost-user Unix sockets; suffixed with 0 .. socket-count-1.",
+            show_default=False,
         ),
-    ],
+    ] = None,
     filename: Annotated[
         str,
         typer.Option(
@@ -106,6 +113,23 @@ def run(
         LogLevel,
         typer.Option("--log-level", help="Log verbosity.", case_sensitive=False),
     ] = LogLevel.INFO,
+    fd: Annotated[
+        int | None,
+        typer.Option(
+            "--fd",
+            help="Serve this already-connected vhost-user socket instead of --socket-path, "
+            "and exit when it disconnects.",
+        ),
+    ] = None,
+    print_capabilities: Annotated[
+        bool,
+        typer.Option(
+            "--print-capabilities",
+            callback=_capabilities,
+            is_eager=True,
+            help="Print the back-end's capabilities as JSON (vhost-user convention) and exit.",
+        ),
+    ] = False,
     version: Annotated[
         bool,
         typer.Option(
@@ -122,7 +146,7 @@ def run(
         stream=sys.stderr,
     )
     config = DaemonConfig(
-        socket_path=socket_path,
+        socket_path=socket_path or "",
         socket_count=socket_count,
         filename=filename,
         period_ms=period,
@@ -130,6 +154,7 @@ def run(
         share=share.value,
         socket_mode=_octal(socket_mode),
         socket_group=socket_group,
+        connected_fd=fd,
     )
     block_stop_signals()
     daemon = Daemon(config)

@@ -26,6 +26,9 @@ class DaemonConfig:
     #: Permissions of the socket files; 0600 keeps other users' processes off our guests.
     socket_mode: int = 0o600
     socket_group: str | None = None
+    #: Serve this already-connected socket (`--fd`, the vhost-user back-end convention)
+    #: instead of listening on `socket_path`; the daemon exits when it disconnects.
+    connected_fd: int | None = None
 
     def socket_paths(self) -> list[str]:
         return [f"{self.socket_path}{i}" for i in range(self.socket_count)]
@@ -50,6 +53,11 @@ class DaemonConfig:
             raise ConfigError(f"--share must be 'split' or 'fair', not {self.share!r}")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(f"--socket-mode {self.socket_mode:o} is not a permission mode")
+        if self.connected_fd is not None:
+            self._validate_connected_fd()
+            return
+        if not self.socket_path:
+            raise ConfigError("one of --socket-path or --fd is required")
         directory = os.path.dirname(os.path.abspath(self.socket_path))
         if not os.path.isdir(directory):
             raise ConfigError(f"socket directory {directory} does not exist")
@@ -60,3 +68,17 @@ class DaemonConfig:
                 continue
             if not stat.S_ISSOCK(mode):
                 raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+
+    def _validate_connected_fd(self) -> None:
+        fd = self.connected_fd
+        assert fd is not None
+        if self.socket_path:
+            raise ConfigError("--fd and --socket-path exclude each other")
+        if self.socket_count != 1:
+            raise ConfigError("--fd serves one connection: --socket-count must be 1")
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            raise ConfigError(f"--fd {fd} is not an open file descriptor") from None
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError(f"--fd {fd} is not a socket")

@@ -117,8 +117,13 @@ class Daemon:
             self.source = EntropySource(config.filename)
         except SourceError as exc:
             raise ConfigError(str(exc)) from exc
+        self.listeners: list[Listener] = []
+        self.connected: socket.socket | None = None
         try:
-            self.listeners = bind_listeners(config)
+            if config.connected_fd is not None:
+                self.connected = socket.socket(fileno=config.connected_fd)
+            else:
+                self.listeners = bind_listeners(config)
         except BaseException:
             self.source.close()
             raise
@@ -133,8 +138,19 @@ class Daemon:
     async def serve(
         self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve every socket until cancelled; reports the socket paths once running."""
+        """Serve every socket until cancelled; reports the socket paths once running.
+
+        With a connected fd (`--fd`) there is one connection to serve, and this returns when
+        it ends.
+        """
         config = self.config
+        if self.connected is not None:
+            task_status.started([])
+            name = f"fd{config.connected_fd}"
+            log.info("%s: serving the connected socket (%s)", name, _peer(self.connected))
+            sock = trio.socket.from_stdlib_socket(self.connected)
+            await Connection(sock, name, self.source, self.scheduler.guest(0)).run()
+            return
         async with trio.open_nursery() as root:
             for index, listener in enumerate(self.listeners):
                 root.start_soon(_serve_socket, index, listener, self.source, self.scheduler)
@@ -152,6 +168,8 @@ class Daemon:
         """Remove the socket files and close the source."""
         for listener in self.listeners:
             listener.remove()
+        if self.connected is not None:
+            self.connected.close()
         self.source.close()
 
 
@@ -187,7 +205,7 @@ async def _serve_socket(
                 log.exception("%s: connection failed; accepting the next VMM", name)
 
 
-def _peer(sock: trio.socket.SocketType) -> str:
+def _peer(sock: trio.socket.SocketType | socket.socket) -> str:
     try:
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -214,7 +232,12 @@ async def run(daemon: Daemon) -> None:
             # Any signal held since the sockets were created is delivered now, to the receiver.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(daemon.serve)
+
+                async def serve_then_stop() -> None:
+                    await daemon.serve()  # returns only when a --fd connection ends
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(serve_then_stop)
                 async for signum in signals:
                     log.info("%s received, shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
