@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tty
 
 import pytest
 import trio
@@ -297,6 +298,46 @@ async def test_slow_source_parks_only_the_reader(workdir: str) -> None:
                 nursery.cancel_scope.cancel()
         finally:
             os.close(writer)
+
+
+async def test_slow_character_device_is_read_in_a_thread(workdir: str) -> None:
+    """Behaviour: a character device that cannot be polled (as /dev/hwrng) is read in a
+    worker thread. Played here by a pty in raw mode fed by hand: the guest gets exactly the
+    bytes written, other sockets are answered while the read blocks, and SIGTERM ends the
+    daemon within 1 s even with a read still blocked (the daemon_process check)."""
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        device = os.ttyname(slave)
+        async with (
+            daemon_process(
+                os.path.join(workdir, "rng.sock"), filename=device, socket_count=2
+            ) as daemon,
+            await Frontend.connect(daemon.socket_paths[0]) as vmm,
+        ):
+            queue = await vmm.start_qemu72(4)
+            fed = os.urandom(64)
+            got: list[bytes] = []
+
+            async def read() -> None:
+                got.append(await vmm.read_random(64, chunk=64))
+
+            with trio.fail_after(STEP):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read)
+                    # Nothing to read yet: the worker blocks, the event loop does not.
+                    await assert_responsive(daemon.socket_paths[1], 10, 0.25)
+                    for i in range(0, 64, 16):
+                        os.write(master, fed[i : i + 16])
+                        await trio.sleep(0.01)
+            assert got == [fed]
+            # Leave one request blocked in the worker for the SIGTERM on the way out.
+            queue.post(64)
+            queue.kick(force=True)
+            await vmm.get_features()
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 # -- many connections ----------------------------------------------------------------------
