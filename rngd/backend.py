@@ -348,6 +348,7 @@ class Connection:
         finally:
             # Where the ring stands is where a restart must resume.
             self.session.vrings[vring.index].base = queue.next_avail
+            queue.release()
             vring.scope = None
             done.set()
 

@@ -76,6 +76,11 @@ class GuestMemory:
         region, offset = self._find(addr, length, "userspace_addr")
         return region.map, offset
 
+    def uva_view(self, addr: int, length: int) -> memoryview:
+        """A writable view at VMM-virtual `addr`; release it before `close` (it pins the map)."""
+        region, offset = self._find(addr, length, "userspace_addr")
+        return region.view[offset : offset + length]
+
     def gpa_view(self, addr: int, length: int) -> memoryview:
         """A writable view of guest memory; release it promptly (it pins the mapping)."""
         region, offset = self._find(addr, length, "guest_phys_addr")

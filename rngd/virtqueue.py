@@ -13,14 +13,16 @@ untrusted. Two kinds of trouble are told apart:
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 
 from rngd.memory import GuestMemory, GuestMemoryError
 
 DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
+if sys.byteorder != "little":  # pragma: no cover
+    # The rings are little-endian (virtio 1.x) and read through native-order views below.
+    raise ImportError("rngd's virtqueue needs a little-endian host")
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -81,21 +83,40 @@ class SplitQueue:
         self.indirect = indirect
         try:
             self._desc_map, self._desc = memory.uva(desc, 16 * size)
-            # avail: flags, idx, ring[size], used_event; used: flags, idx, ring[size], avail_event
-            self._avail_map, self._avail = memory.uva(avail, 6 + 2 * size)
-            self._used_map, self._used = memory.uva(used, 6 + 8 * size)
+            memory.uva(avail, 6 + 2 * size)
+            memory.uva(used, 6 + 8 * size)
         except GuestMemoryError as exc:
             raise RingError(f"ring not in guest memory: {exc}") from exc
+        avail_view = memory.uva_view(avail, 6 + 2 * size)
+        used_view = memory.uva_view(used, 6 + 8 * size)
+        # The indices the driver and we update under each other's feet go through typed views:
+        # a memoryview item is read or written with one aligned access, where struct.pack_into
+        # first zeroes the field (a driver could read a used index of 0 in between) and "<H"
+        # goes a byte at a time (half an update). Element stores need no such care: the used
+        # index publishes them.
+        # avail: flags, idx, ring[size], used_event
+        self._avail = avail_view.cast("H")
+        # used: flags, idx, then {id u32, len u32}[size], then avail_event
+        self._used = used_view.cast("H")
+        self._used_elems = used_view[4 : 4 + 8 * size].cast("I")
+        self._views = (avail_view, used_view)
+        self._used_event_slot = 2 + size
+        self._avail_event_slot = 2 + 4 * size
         self.next_avail = next_avail & 0xFFFF
         # We complete requests in order and never keep one across a stop, so the used index
         # always equals the avail index we have consumed.
         self.next_used = self.next_avail
         self._signalled_used = self.next_used
 
+    def release(self) -> None:
+        """Let go of guest memory (call once the ring's task has stopped)."""
+        for view in (self._avail, self._used, self._used_elems, *self._views):
+            view.release()
+
     # --- avail side ---
 
     def avail_idx(self) -> int:
-        value: int = _U16.unpack_from(self._avail_map, self._avail + 2)[0]
+        value: int = self._avail[1]
         return value
 
     def pending(self) -> int:
@@ -110,8 +131,7 @@ class SplitQueue:
 
     def head(self) -> int:
         """Descriptor index of the next request (call only when `pending()`)."""
-        slot = self._avail + 4 + 2 * (self.next_avail % self.size)
-        head: int = _U16.unpack_from(self._avail_map, slot)[0]
+        head: int = self._avail[2 + self.next_avail % self.size]
         if head >= self.size:
             raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
         return head
@@ -164,12 +184,13 @@ class SplitQueue:
 
     def complete(self, head: int, length: int) -> None:
         """Return the request at `head` with `length` bytes written, and consume its avail slot."""
-        slot = self._used + 4 + 8 * (self.next_used % self.size)
-        _USED_ELEM.pack_into(self._used_map, slot, head, length)
+        slot = 2 * (self.next_used % self.size)
+        self._used_elems[slot] = head
+        self._used_elems[slot + 1] = length
         self.next_used = (self.next_used + 1) & 0xFFFF
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         fence()  # the element must be visible before the index that publishes it
-        _U16.pack_into(self._used_map, self._used + 2, self.next_used)
+        self._used[1] = self.next_used
 
     def enable_notifications(self) -> bool:
         """Ask the driver to kick for what comes after `next_avail`; True if more came already.
@@ -179,7 +200,7 @@ class SplitQueue:
         would otherwise never be kicked).
         """
         if self.event_idx:
-            _U16.pack_into(self._used_map, self._used + 4 + 8 * self.size, self.next_avail)
+            self._used[self._avail_event_slot] = self.next_avail
             fence()
         return self.pending() > 0
 
@@ -190,11 +211,11 @@ class SplitQueue:
             return False
         fence()  # used idx must be visible before we read the driver's suppression state
         if self.event_idx:
-            used_event: int = _U16.unpack_from(self._avail_map, self._avail + 4 + 2 * self.size)[0]
+            used_event: int = self._avail[self._used_event_slot]
             # vring_need_event(): did `new` pass the index the driver asked to hear about?
             wanted = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
         else:
-            flags: int = _U16.unpack_from(self._avail_map, self._avail)[0]
+            flags: int = self._avail[0]
             wanted = not flags & AVAIL_F_NO_INTERRUPT
             if notify_on_empty and not wanted:
                 wanted = self.avail_idx() == self.next_avail
