@@ -6,6 +6,7 @@ cores, so the ratios are conservative). Prints a markdown table:
 
 * latency-bound: one 64-byte buffer in flight, as the Linux virtio-rng driver does;
 * throughput-bound: a 256-entry ring kept full of 4 KiB buffers;
+* the notification floor: a bare process that answers each kick with a call, nothing else;
 * memory: the daemon's RSS idle and with guests connected.
 
 Usage: scripts/bench_throughput.py [--seconds S] [--source FILE]
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -37,6 +39,42 @@ def raw_rate(source: str, chunk: int, seconds: float) -> float:
     finally:
         os.close(fd)
     return count / elapsed
+
+
+# The floor of a 64-byte request's cost: a process that answers each kick eventfd with a call,
+# doing nothing else, in the same trio wake-up pattern rngd uses.
+_ECHO = """
+import os, sys, trio
+kick, call = int(sys.argv[1]), int(sys.argv[2])
+async def main():
+    while True:
+        await trio.lowlevel.wait_readable(kick)
+        os.read(kick, 8)
+        os.write(call, (1).to_bytes(8, "little"))
+trio.run(main)
+"""
+
+
+async def echo_rate(seconds: float) -> float:
+    """Kick/call round trips per second against a bare echo process (the notification floor)."""
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _ECHO, str(kick), str(call)], pass_fds=[kick, call]
+    )
+    try:
+        count, start = 0, trio.current_time()
+        while (elapsed := trio.current_time() - start) < seconds:
+            os.write(kick, (1).to_bytes(8, "little"))
+            await trio.lowlevel.wait_readable(call)
+            os.read(call, 8)
+            count += 1
+        return count / elapsed
+    finally:
+        proc.kill()
+        await proc.wait()
+        os.close(kick)
+        os.close(call)
 
 
 def rss_kib(pid: int) -> int:
@@ -64,11 +102,13 @@ async def rngd_rate(
 
 async def main(seconds: float, source: str) -> None:
     rows: list[tuple[str, str, str, str]] = []
+    latency_bound = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         async with daemon_process(
             os.path.join(tmp, "rng.sock"), socket_count=4, filename=source, log_level="warning"
         ) as daemon:
             idle = rss_kib(daemon.pid)
+            floor = await echo_rate(seconds)
             for label, chunk, size, in_flight in (
                 ("64 B, one in flight (Linux driver)", 64, 4, 1),
                 ("4 KiB, ring of 256 kept full", 4096, 256, None),
@@ -81,6 +121,8 @@ async def main(seconds: float, source: str) -> None:
                     in_flight=in_flight,
                     seconds=seconds,
                 )
+                if in_flight == 1:
+                    latency_bound = got
                 rows.append(
                     (
                         label,
@@ -103,6 +145,10 @@ async def main(seconds: float, source: str) -> None:
     print("|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print(
+        f"\nnotification floor (a bare process answering each kick with a call): "
+        f"{floor:,.0f} round trips/s; rngd's 64 B rate is {f'{latency_bound / floor:.2f}'} of it"
+    )
     print(
         f"\ndaemon RSS: {idle / 1024:.1f} MiB idle, {busy / 1024:.1f} MiB with 4 guests "
         f"connected ({(busy - idle) / 4:.0f} KiB per guest, memory maps not counted until touched)"
