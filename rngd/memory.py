@@ -36,7 +36,6 @@ class GuestMemory:
 
     def __init__(self, regions: Sequence[MappedRegion]) -> None:
         self._regions = list(regions)
-        self._by_gpa = sorted(self._regions, key=lambda r: r.spec.guest_phys_addr)
 
     @classmethod
     def map(cls, specs: Sequence[MemoryRegion], fds: Sequence[int]) -> GuestMemory:
@@ -90,7 +89,6 @@ class GuestMemory:
         for region in self._regions:
             _unmap(region)
         self._regions.clear()
-        self._by_gpa.clear()
 
 
 def _map_region(spec: MemoryRegion, fd: int) -> MappedRegion:

@@ -65,9 +65,6 @@ class EntropySource:
         self._eof_logged = False
         self._closed = False
 
-    def fileno(self) -> int:
-        return self._fd
-
     def try_read(self, buffers: Sequence[memoryview]) -> int | None:
         """Read now, if that cannot wait: the count (>= 1), or None to await `read_into`.
 
