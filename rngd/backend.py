@@ -119,11 +119,16 @@ class Connection:
     def _release(self) -> None:
         self.incident.flush()
         self.reader.close()
+        self._drop_resources()
+
+    def _drop_resources(self) -> None:
+        """Close every eventfd and unmap the memory (the vring tasks have stopped)."""
         for vring in self.vrings:
             for fd in (vring.kick_fd, vring.call_fd, vring.err_fd):
                 _close(fd)
             vring.kick_fd = vring.call_fd = vring.err_fd = None
             vring.queue = None
+            vring.broken = False
         if self.memory is not None:
             self.memory.close()
             self.memory = None
@@ -216,14 +221,7 @@ class Connection:
             case ResetOwner():
                 for vring in self.vrings:
                     await self._stop(vring)
-                    self._replace_kick(vring, None)
-                    _close(vring.call_fd)
-                    _close(vring.err_fd)
-                    vring.call_fd = vring.err_fd = None
-                    vring.broken = False
-                if self.memory is not None:
-                    self.memory.close()
-                    self.memory = None
+                self._drop_resources()
         return self.session.ack(message, True)
 
     async def _set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None:

@@ -15,7 +15,6 @@ from typing import Protocol
 import trio
 
 from rngd.incidents import IncidentLog
-from rngd.memory import GuestMemory
 from rngd.source import EntropySource
 from rngd.virtqueue import MAX_REQUEST_BYTES, ChainError, Segment, SplitQueue
 
@@ -110,13 +109,13 @@ class RngDevice:
             granted = await self.budget.acquire(want)
         written = 0
         try:
-            written = await self.fill(queue.memory, segments, granted)
+            written = await self.fill(segments, granted)
         finally:
             if written < granted:
                 self.budget.refund(granted - written)
         queue.complete(head, written)
 
-    async def fill(self, memory: GuestMemory, segments: list[Segment], limit: int) -> int:
+    async def fill(self, segments: list[Segment], limit: int) -> int:
         """Read up to `limit` bytes from the source into the chain's buffers, in order."""
         views: list[memoryview] = []
         try:
@@ -124,7 +123,7 @@ class RngDevice:
                 if limit <= 0:
                     break
                 take = min(segment.length, limit)
-                views.append(memory.gpa_view(segment.addr, take))
+                views.append(segment.view(take))
                 limit -= take
             count = self.source.try_read(views)
             if count is None:

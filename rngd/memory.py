@@ -80,6 +80,12 @@ class GuestMemory:
         region, offset = self._find(addr, length, "userspace_addr")
         return region.view[offset : offset + length]
 
+    def gpa_span(self, addr: int, length: int) -> tuple[memoryview, int]:
+        """(the region's whole view, offset) for `length` bytes at guest-physical `addr`:
+        a checked translation to keep and slice later, with no new export made now."""
+        region, offset = self._find(addr, length, "guest_phys_addr")
+        return region.view, offset
+
     def gpa_view(self, addr: int, length: int) -> memoryview:
         """A writable view of guest memory; release it promptly (it pins the mapping)."""
         region, offset = self._find(addr, length, "guest_phys_addr")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rngd.memory import GuestMemory, GuestMemoryError
 
@@ -56,10 +56,18 @@ def fence() -> None:
 
 @dataclass(frozen=True)
 class Segment:
-    """One device-writable buffer of a chain, in guest-physical terms."""
+    """One device-writable buffer of a chain: its guest-physical span, and where the walk
+    found it in our mapping (so filling it needs no second translation)."""
 
     addr: int
     length: int
+    region: memoryview | None = field(default=None, compare=False, repr=False)
+    offset: int = field(default=0, compare=False, repr=False)
+
+    def view(self, length: int) -> memoryview:
+        """The first `length` bytes of the buffer; release it promptly (it pins the map)."""
+        assert self.region is not None and length <= self.length
+        return self.region[self.offset : self.offset + length]
 
 
 class SplitQueue:
@@ -170,10 +178,10 @@ class SplitQueue:
             if length == 0:
                 raise ChainError("descriptor of length 0")
             try:
-                self.memory.gpa(addr, length)
+                region, offset = self.memory.gpa_span(addr, length)
             except GuestMemoryError as exc:
                 raise ChainError(str(exc)) from exc
-            segments.append(Segment(addr, length))
+            segments.append(Segment(addr, length, region, offset))
             if not flags & DESC_F_NEXT:
                 return segments
             if nxt >= table_size:

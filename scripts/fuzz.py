@@ -581,7 +581,7 @@ async def check_walker(wm: WalkerMemory, case: WalkerCase) -> tuple[int, int]:
         for s in segments:
             assert s.length > 0 and _in_layout(s.addr, s.length), f"segment {s} outside memory"
         before = wm.snapshot()
-        written = await device.fill(wm.memory, segments, case.limit)
+        written = await device.fill(segments, case.limit)
         total = sum(s.length for s in segments)
         assert written == min(case.limit, total), f"wrote {written} of {min(case.limit, total)}"
         _assert_only_changed(wm, before, _allowed(segments, case.limit))
