@@ -9,7 +9,6 @@ one ring is cancelling one scope, and a disconnect is cancelling the nursery.
 from __future__ import annotations
 
 import array
-import contextlib
 import logging
 import os
 import socket
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from rngd.device import Budget, RngDevice
+from rngd.device import Budget, EventfdError, Notifier, serve_vring
 from rngd.incidents import IncidentLog
 from rngd.memory import GuestMemory, GuestMemoryError
 from rngd.protocol.codec import Message, MessageError, MessageReader, ProtocolError
@@ -34,25 +33,18 @@ from rngd.protocol.session import (
     SetVringFd,
     VringChanged,
 )
-from rngd.source import EntropySource, SourceError
+from rngd.source import EntropySource, GuestMemoryFault, SourceError
 from rngd.virtqueue import RingError, SplitQueue
 
 log = logging.getLogger(__name__)
 
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
-_ONE = (1).to_bytes(8, "little")
 
 
 def _close(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
-
-
-def _signal(fd: int) -> None:
-    # EAGAIN means the counter is saturated: the guest has a wake-up pending anyway.
-    with contextlib.suppress(BlockingIOError):
-        os.write(fd, _ONE)
 
 
 @dataclass(eq=False)
@@ -61,8 +53,8 @@ class Vring:
 
     index: int
     kick_fd: int | None = None
-    call_fd: int | None = None
-    err_fd: int | None = None
+    call: Notifier = field(default_factory=lambda: Notifier("call"))
+    err: Notifier = field(default_factory=lambda: Notifier("err"))
     queue: SplitQueue | None = None
     scope: trio.CancelScope | None = None
     done: trio.Event = field(default_factory=trio.Event)
@@ -72,10 +64,6 @@ class Vring:
     @property
     def running(self) -> bool:
         return self.scope is not None
-
-    def interrupt(self) -> None:
-        if self.call_fd is not None:
-            _signal(self.call_fd)
 
 
 class Connection:
@@ -94,7 +82,8 @@ class Connection:
         self.memory: GuestMemory | None = None
         self.vrings = [Vring(i) for i in range(self.session.num_queues)]
         self.incident = IncidentLog(log, self.prefix)
-        self.device = RngDevice(source, budget, self.incident)
+        self.source = source
+        self.budget = budget
         self._nursery: trio.Nursery | None = None
 
     # --- lifetime ---
@@ -124,9 +113,10 @@ class Connection:
     def _drop_resources(self) -> None:
         """Close every eventfd and unmap the memory (the vring tasks have stopped)."""
         for vring in self.vrings:
-            for fd in (vring.kick_fd, vring.call_fd, vring.err_fd):
-                _close(fd)
-            vring.kick_fd = vring.call_fd = vring.err_fd = None
+            _close(vring.kick_fd)
+            vring.kick_fd = None
+            vring.call.replace(None)
+            vring.err.replace(None)
             vring.queue = None
             vring.broken = False
         if self.memory is not None:
@@ -258,12 +248,10 @@ class Connection:
             self._replace_kick(vring, fd)
             await self._restart(vring)
         elif request == Request.SET_VRING_CALL:
-            # The kick task reads call_fd each time it signals, so a swap needs no stop.
-            _close(vring.call_fd)
-            vring.call_fd = fd
+            # The worker signals whichever fd is current, so a swap needs no stop.
+            vring.call.replace(fd)
         else:
-            _close(vring.err_fd)
-            vring.err_fd = fd
+            vring.err.replace(fd)
 
     def _replace_kick(self, vring: Vring, fd: int | None) -> None:
         if vring.kick_fd is not None:
@@ -302,6 +290,7 @@ class Connection:
                 config.base,
                 event_idx=self.session.has_feature(VirtioFeatures.RING_EVENT_IDX),
                 indirect=self.session.has_feature(VirtioFeatures.RING_INDIRECT_DESC),
+                notify_on_empty=self.session.has_feature(VirtioFeatures.NOTIFY_ON_EMPTY),
             )
         except RingError as exc:
             raise RequestRejected(f"vring {vring.index} not started: {exc}") from exc
@@ -322,22 +311,32 @@ class Connection:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         assert vring.kick_fd is not None
+        # The configuration this run belongs to: a RESET_OWNER replaces it while the ring
+        # stops, and where this run ended must not leak into the fresh one.
+        config = self.session.vrings[vring.index]
         done = vring.done = trio.Event()
         try:
             with trio.CancelScope() as scope:
                 vring.scope = scope
                 task_status.started()
-                await self.device.run(
+                await serve_vring(
                     queue,
+                    self.source,
+                    self.budget,
                     vring.kick_fd,
-                    vring.interrupt,
-                    notify_on_empty=self.session.has_feature(VirtioFeatures.NOTIFY_ON_EMPTY),
+                    vring.call,
+                    self.incident,
+                    name=f"rngd {self.prefix}vring {vring.index}",
                 )
         except RingError as exc:
             self.incident("vring %d stopped, the guest broke it: %s", vring.index, exc)
+            self._break(vring)
+        except GuestMemoryFault as exc:
+            self.incident("vring %d stopped: %s", vring.index, exc)
+            self._break(vring)
+        except EventfdError as exc:
+            self.incident("vring %d stopped: %s", vring.index, exc)
             vring.broken = True
-            if vring.err_fd is not None:
-                _signal(vring.err_fd)
         except SourceError as exc:
             # The source is shared; its failure is the host's problem, not this guest's. Stop
             # this ring (the VMM can restart it) rather than take the connection down.
@@ -345,10 +344,18 @@ class Connection:
             vring.broken = True
         finally:
             # Where the ring stands is where a restart must resume.
-            self.session.vrings[vring.index].base = queue.next_avail
+            config.base = queue.next_avail
             queue.release()
             vring.scope = None
             done.set()
+
+    def _break(self, vring: Vring) -> None:
+        """Stop the ring until the VMM restarts it, and tell the VMM through the err fd."""
+        vring.broken = True
+        try:
+            vring.err.signal()
+        except EventfdError as exc:
+            self.incident("vring %d: %s", vring.index, exc)
 
     async def _stop(self, vring: Vring) -> None:
         if vring.scope is None:

@@ -323,6 +323,14 @@ class GuestBudget:
             self._record(waiter.granted)
         return waiter.granted
 
+    def window_end(self) -> float:
+        """trio time at which grants made now stop counting (math.inf when unlimited)."""
+        scheduler = self._scheduler
+        if scheduler.max_bytes is None:
+            return math.inf
+        scheduler._advance()
+        return scheduler.window_start(scheduler._window + 1)
+
     def refund(self, unused: int) -> None:
         """Give back bytes of a grant the source did not fill (short read, EOF, cancellation).
 

@@ -144,14 +144,17 @@ class Daemon:
         it ends.
         """
         config = self.config
-        if self.connected is not None:
-            task_status.started([])
-            name = f"fd{config.connected_fd}"
-            log.info("%s: serving the connected socket (%s)", name, _peer(self.connected))
-            sock = trio.socket.from_stdlib_socket(self.connected)
-            await Connection(sock, name, self.source, self.scheduler.guest(0)).run()
-            return
         async with trio.open_nursery() as root:
+            # A device source's pump (a no-op for other sources) lives as long as the sockets.
+            root.start_soon(self.source.run)
+            if self.connected is not None:
+                task_status.started([])
+                name = f"fd{config.connected_fd}"
+                log.info("%s: serving the connected socket (%s)", name, _peer(self.connected))
+                sock = trio.socket.from_stdlib_socket(self.connected)
+                await Connection(sock, name, self.source, self.scheduler.guest(0)).run()
+                root.cancel_scope.cancel()
+                return
             for index, listener in enumerate(self.listeners):
                 root.start_soon(_serve_socket, index, listener, self.source, self.scheduler)
             log.info(

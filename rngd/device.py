@@ -1,25 +1,43 @@
-"""What a virtio-rng request is, and how one vring's requests are served.
+"""What a virtio-rng request is, and how one vring's requests are served, top to bottom.
 
-A request is one descriptor chain of device-writable buffers. Serving it means: ask the
-bandwidth budget for up to the chain's length, read that many bytes from the entropy source
-straight into guest memory, and return the chain on the used ring with the count written.
+A request is one descriptor chain of device-writable buffers. Serving it means: take up to the
+chain's length from the bandwidth budget, read that many bytes from the entropy source straight
+into guest memory, and return the chain on the used ring with the count written.
+
+Each running vring has a trio task (`serve_vring`) that owns a worker thread (`VringWorker`).
+The thread does the steady-state work without trio: it blocks in poll() on the kick eventfd,
+drains the ring in batches (one budget grant, one `readv` per batch, one used-index store, one
+interrupt decision) and signals the call eventfd. A trio wake-up per kick would cost several
+times the request itself. The bandwidth scheduler stays single-threaded in trio: the thread
+asks its task for a credit of bytes (`trio.from_thread.run`), and that task parks in the
+scheduler when the budget is spent. Cancelling the task stops the thread and joins it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Callable
+import select
+import threading
 from typing import Protocol
 
 import trio
 
 from rngd.incidents import IncidentLog
-from rngd.source import EntropySource
-from rngd.virtqueue import MAX_REQUEST_BYTES, ChainError, Segment, SplitQueue
+from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
+from rngd.threads import run_owned_thread
+from rngd.virtqueue import ChainError, Segment, SplitQueue
 
-#: Requests served between forced checkpoints (and interrupts) while a ring stays busy.
-_BATCH = 32
+#: Largest fill of one request. virtio-rng lets the device return fewer bytes than offered; a
+#: bound keeps one request with a huge buffer from holding its vring (and budget) for long.
+MAX_REQUEST_BYTES = 1 << 20
+#: Most bytes one batch reads, so that a stop is never kept waiting behind a huge read.
+MAX_BATCH_BYTES = 1 << 20
+#: Most buffers one readv takes (the kernel's UIO_MAXIOV).
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+_ONE = (1).to_bytes(8, "little")
+_POLL_TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 class Budget(Protocol):
@@ -37,99 +55,259 @@ class Budget(Protocol):
         """Give back the part of a grant that was not used."""
         ...
 
+    def window_end(self) -> float:
+        """trio time at which grants made now stop counting (math.inf when unlimited)."""
+        ...
 
-class RngDevice:
-    """Serves the requestq of one connection's RNG device."""
 
-    def __init__(self, source: EntropySource, budget: Budget, incident: IncidentLog) -> None:
-        self.source = source
-        self.budget = budget
-        self.incident = incident
+class EventfdError(Exception):
+    """An eventfd the VMM gave us failed (closed under us, hung up, not an eventfd)."""
 
-    async def run(
+
+class Notifier:
+    """A vring's call (or err) eventfd, signalled by the worker thread and replaced by the
+    protocol task (QEMU sends SET_VRING_CALL several times while a ring runs)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._fd: int | None = None
+        # The worker must never write an fd number the protocol task has just closed (and
+        # the kernel may have handed to something else).
+        self._lock = threading.Lock()
+
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
+    def replace(self, fd: int | None) -> None:
+        """Use `fd` from now on (None: signal nothing) and close the previous one."""
+        with self._lock:
+            old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
+
+    def signal(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                os.write(self._fd, _ONE)
+            except BlockingIOError:
+                pass  # the counter is saturated: the VMM has a wake-up pending anyway
+            except OSError as exc:
+                raise EventfdError(f"signalling the {self.what} fd failed: {exc.strerror}") from exc
+
+
+async def serve_vring(
+    queue: SplitQueue,
+    source: EntropySource,
+    budget: Budget,
+    kick_fd: int,
+    call: Notifier,
+    incident: IncidentLog,
+    *,
+    name: str,
+) -> None:
+    """The kick-handler task of one vring: serve it in a worker thread until cancelled.
+
+    Raises what stops the ring for good: RingError (the guest broke it), EventfdError,
+    GuestMemoryFault, SourceError.
+    """
+    worker = VringWorker(queue, source, budget, kick_fd, call, incident)
+
+    def stop() -> None:
+        worker.stopping = True
+
+    try:
+        await run_owned_thread(worker.run, name=name, on_stop=stop)
+    finally:
+        # Credit of the current window the thread did not use goes back to the others.
+        if worker.credit and trio.current_time() < worker.credit_until != math.inf:
+            budget.refund(worker.credit)
+
+
+class VringWorker:
+    """The thread side of one vring. `run` is the whole request path."""
+
+    def __init__(
         self,
         queue: SplitQueue,
+        source: EntropySource,
+        budget: Budget,
         kick_fd: int,
-        interrupt: Callable[[], None],
-        *,
-        notify_on_empty: bool = False,
+        call: Notifier,
+        incident: IncidentLog,
     ) -> None:
-        """The kick-handler task of one vring: drain, then sleep until kicked, forever.
+        self.queue = queue
+        self.source = source
+        self.budget = budget
+        self.kick_fd = kick_fd
+        self.call = call
+        self.incident = incident
+        self.clock = trio.lowlevel.current_clock()
+        #: Bytes granted by the budget and not used yet, valid until `credit_until`.
+        self.credit = 0
+        self.credit_until = -math.inf
+        #: Set by the owning task when it is cancelled (before the stop fd is signalled), so
+        #: that a ring kept full stops between two batches.
+        self.stopping = False
+        self._stop_fd = -1
+
+    def run(self, stop_fd: int) -> None:
+        """Drain, then sleep in poll() until kicked or stopped; forever.
 
         The ring is drained once before the first wait: QEMU's kick eventfd starts out
         signalled, and requests may have been posted before the ring was started.
         """
-        while True:
-            await self.drain(queue, interrupt, notify_on_empty)
-            await trio.lowlevel.wait_readable(kick_fd)
-            # A spurious wake-up (EAGAIN) is harmless: drain finds nothing and we wait again.
-            with contextlib.suppress(BlockingIOError):
-                os.read(kick_fd, 8)
-
-    async def drain(
-        self, queue: SplitQueue, interrupt: Callable[[], None], notify_on_empty: bool = False
-    ) -> None:
-        """Serve every available request, then re-enable notifications and signal the guest."""
-
-        def flush() -> None:
-            if queue.needs_interrupt(notify_on_empty):
-                interrupt()
-
-        served = 0
+        self._stop_fd = stop_fd
+        kick = self.kick_fd
+        poller = select.poll()
+        poller.register(kick, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
         try:
-            while True:
-                while queue.pending():
-                    await self.serve_one(queue, flush)
-                    served += 1
-                    if served % _BATCH == 0:
-                        # A guest that keeps its ring full must not starve the other tasks:
-                        # the fast path of serve_one never yields on its own.
-                        flush()
-                        await trio.lowlevel.checkpoint()
-                if not queue.enable_notifications():
-                    break
-        finally:
-            # Also when a stop or error cuts the batch short: completions already made must
-            # reach the guest.
-            flush()
-
-    async def serve_one(self, queue: SplitQueue, flush: Callable[[], None]) -> None:
-        head = queue.head()
-        try:
-            segments = queue.chain(head)
-        except ChainError as exc:
-            self.incident("request %d refused, completed empty: %s", head, exc)
-            queue.complete(head, 0)
+            while not self.stopping:
+                self.drain()
+                for fd, events in poller.poll():
+                    if fd == stop_fd:
+                        return
+                    if events & _POLL_TROUBLE:
+                        raise EventfdError(f"kick fd reports poll events {events:#x}")
+                try:
+                    if not os.read(kick, 8):
+                        raise EventfdError("kick fd is at end of file")
+                except BlockingIOError:
+                    pass  # a spurious wake-up: drain finds nothing and we wait again
+                except OSError as exc:
+                    raise EventfdError(f"reading the kick fd failed: {exc.strerror}") from exc
+        except _Stopped:
             return
-        want = min(sum(s.length for s in segments), MAX_REQUEST_BYTES)
-        granted = self.budget.try_acquire(want)
-        if not granted:
-            # Parking may take a whole period: let the guest see what is already done.
-            flush()
-            granted = await self.budget.acquire(want)
-        written = 0
-        try:
-            written = await self.fill(segments, granted)
         finally:
-            if written < granted:
-                self.budget.refund(granted - written)
-        queue.complete(head, written)
+            # Also when a stop or an error cuts a batch short: completions already made must
+            # reach the guest.
+            with contextlib.suppress(EventfdError):
+                self.flush()
 
-    async def fill(self, segments: list[Segment], limit: int) -> int:
-        """Read up to `limit` bytes from the source into the chain's buffers, in order."""
-        views: list[memoryview] = []
-        try:
-            for segment in segments:
-                if limit <= 0:
-                    break
-                take = min(segment.length, limit)
-                views.append(segment.view(take))
-                limit -= take
-            count = self.source.try_read(views)
-            if count is None:
-                count = await self.source.read_into(views)
-            return count
-        finally:
-            # Views pin the mapping; release them now so a disconnect can unmap it.
-            for view in views:
-                view.release()
+    def drain(self) -> None:
+        """Serve every available request, then re-enable notifications and signal the guest."""
+        queue = self.queue
+        while True:
+            pending = queue.pending()
+            if pending:
+                self.serve_batch(pending)
+                if self.stopping:
+                    raise _Stopped
+                continue
+            self.flush()
+            if not queue.enable_notifications():
+                return
+
+    def flush(self) -> None:
+        """Publish the completions made so far; interrupt the guest if it wants to hear."""
+        queue = self.queue
+        queue.publish_used()
+        if queue.needs_interrupt():
+            self.call.signal()
+
+    def serve_batch(self, pending: int) -> None:
+        """Serve up to `pending` requests (fewer if the budget or a batch's bounds say so)."""
+        queue = self.queue
+        # 1. Walk the chains: what each may take.
+        heads: list[int] = []
+        chains: list[list[Segment] | None] = []
+        total = 0
+        for ahead in range(pending):
+            head = queue.head(ahead)
+            try:
+                chain = queue.chain(head)
+            except ChainError as exc:
+                self.incident("request %d refused, completed empty: %s", head, exc)
+                chains.append(None)
+            else:
+                total += min(sum(s.length for s in chain), MAX_REQUEST_BYTES)
+                chains.append(chain)
+            heads.append(head)
+            if total >= MAX_BATCH_BYTES:
+                break
+        # 2. One grant for the batch.
+        credit = self.take_credit(min(total, MAX_BATCH_BYTES)) if total else 0
+        # 3. Lay out the buffers, in order, as far as the credit and readv's limit go.
+        iov: list[memoryview] = []
+        takes: list[int] = []
+        left = credit
+        for segments in chains:
+            if segments is None:
+                takes.append(0)
+                continue
+            if left == 0 or len(iov) + len(segments) > _IOV_MAX:
+                break
+            laid = lay_out(segments, min(left, MAX_REQUEST_BYTES), iov)
+            left -= laid
+            takes.append(laid)
+        # 4. One read for all of them, then the used elements in order.
+        count = self.read(iov) if iov else 0
+        self.credit -= count
+        for head, segments, take in zip(heads, chains, takes, strict=False):
+            if segments is None:
+                queue.put_used(head, 0)
+                continue
+            written = min(take, count)
+            if written == 0:
+                break  # a short read: this one waits for the next batch
+            count -= written
+            queue.put_used(head, written)
+
+    def take_credit(self, want: int) -> int:
+        """Up to `want` bytes of budget: from the credit held, else from the scheduler."""
+        if self.credit and self.clock.current_time() >= self.credit_until:
+            self.credit = 0  # granted for a window that is over
+        if not self.credit:
+            # Asking may park this ring until the refill: let the guest see what is done.
+            self.flush()
+            self.credit, self.credit_until = trio.from_thread.run(self._grant, want)
+        return min(want, self.credit)
+
+    async def _grant(self, want: int) -> tuple[int, float]:
+        # Runs in the owning task, in trio: the scheduler is not thread-safe.
+        granted = self.budget.try_acquire(want) or await self.budget.acquire(want)
+        until = self.budget.window_end()
+        if until == math.inf:
+            granted = 1 << 62  # unlimited: this thread never needs to ask again
+        return granted, until
+
+    def read(self, iov: list[memoryview]) -> int:
+        """Fill `iov` from the source: at least one byte, waiting (stoppably) if need be."""
+        source = self.source
+        while True:
+            count = source.read(iov)
+            if count > 0:
+                return count
+            self.flush()
+            if count == WOULD_BLOCK:
+                ready = select.poll()
+                ready.register(source.fd, select.POLLIN)
+                ready.register(self._stop_fd, select.POLLIN)
+                if any(fd == self._stop_fd for fd, _ in ready.poll()):
+                    raise _Stopped
+            elif wait_readable(self._stop_fd, source.eof_retry * 1000):
+                raise _Stopped
+
+
+def lay_out(segments: list[Segment], limit: int, iov: list[memoryview]) -> int:
+    """Append views of the first `limit` bytes of a chain's buffers to `iov`; return how many
+    bytes they hold (less than `limit` if the chain is shorter)."""
+    laid = 0
+    for segment in segments:
+        buffer = segment.buffer
+        assert buffer is not None
+        room = limit - laid
+        if segment.length <= room:
+            iov.append(buffer)
+            laid += segment.length
+        else:
+            iov.append(buffer[:room])
+            return limit
+    return laid
+
+
+class _Stopped(Exception):
+    """The owning task asked the thread to stop while it waited."""

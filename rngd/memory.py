@@ -1,6 +1,6 @@
 """Guest memory: the regions a VMM shares with us, and bounds-checked access to them.
 
-Every access goes through `GuestMemory.translate`, which answers with a region and an offset
+Every access goes through `GuestMemory.span`, which answers with a region's view and an offset
 inside it only when the whole span lies in that one region. That is the single place that keeps
 guest-controlled addresses from reaching outside what the VMM mapped for us.
 """
@@ -31,11 +31,35 @@ class MappedRegion:
     view: memoryview
 
 
+#: (first address, end address, the region's view, offset of the first address in the view)
+_Range = tuple[int, int, memoryview, int]
+
+
 class GuestMemory:
     """The mapped regions of one memory table. Closing unmaps them."""
 
     def __init__(self, regions: Sequence[MappedRegion]) -> None:
         self._regions = list(regions)
+        # Two address spaces index the same regions: descriptors hold guest-physical
+        # addresses, SET_VRING_ADDR the VMM's own virtual ones.
+        self._gpa: list[_Range] = [
+            (
+                r.spec.guest_phys_addr,
+                r.spec.guest_phys_addr + r.spec.memory_size,
+                r.view,
+                r.spec.mmap_offset,
+            )
+            for r in self._regions
+        ]
+        self._uva: list[_Range] = [
+            (
+                r.spec.userspace_addr,
+                r.spec.userspace_addr + r.spec.memory_size,
+                r.view,
+                r.spec.mmap_offset,
+            )
+            for r in self._regions
+        ]
 
     @classmethod
     def map(cls, specs: Sequence[MemoryRegion], fds: Sequence[int]) -> GuestMemory:
@@ -58,40 +82,18 @@ class GuestMemory:
     def regions(self) -> list[MemoryRegion]:
         return [r.spec for r in self._regions]
 
-    def _find(self, addr: int, length: int, key: str) -> tuple[MappedRegion, int]:
-        for region in self._regions:
-            start = int(getattr(region.spec, key))
-            if start <= addr and addr + length <= start + region.spec.memory_size:
-                return region, region.spec.mmap_offset + addr - start
+    def span(self, addr: int, length: int, *, vmm: bool = False) -> tuple[memoryview, int]:
+        """(region view, offset) of `length` bytes at `addr`, a guest-physical address, or with
+        `vmm` a VMM-virtual one (vring addresses). Slice the view to use it, and release the
+        slice before `close` (it pins the mapping)."""
+        for start, end, view, base in self._uva if vmm else self._gpa:
+            if start <= addr and addr + length <= end:
+                return view, base + addr - start
         raise GuestMemoryError(f"{length} bytes at {addr:#x} are not inside one memory region")
 
-    def gpa(self, addr: int, length: int) -> tuple[mmap.mmap, int]:
-        """(mapping, offset) for `length` bytes at guest-physical `addr`."""
-        region, offset = self._find(addr, length, "guest_phys_addr")
-        return region.map, offset
-
-    def uva(self, addr: int, length: int) -> tuple[mmap.mmap, int]:
-        """(mapping, offset) for `length` bytes at VMM-virtual `addr` (vring addresses)."""
-        region, offset = self._find(addr, length, "userspace_addr")
-        return region.map, offset
-
-    def uva_view(self, addr: int, length: int) -> memoryview:
-        """A writable view at VMM-virtual `addr`; release it before `close` (it pins the map)."""
-        region, offset = self._find(addr, length, "userspace_addr")
-        return region.view[offset : offset + length]
-
-    def gpa_span(self, addr: int, length: int) -> tuple[memoryview, int]:
-        """(the region's whole view, offset) for `length` bytes at guest-physical `addr`:
-        a checked translation to keep and slice later, with no new export made now."""
-        region, offset = self._find(addr, length, "guest_phys_addr")
-        return region.view, offset
-
-    def gpa_view(self, addr: int, length: int) -> memoryview:
-        """A writable view of guest memory; release it promptly (it pins the mapping)."""
-        region, offset = self._find(addr, length, "guest_phys_addr")
-        return region.view[offset : offset + length]
-
     def close(self) -> None:
+        self._gpa.clear()
+        self._uva.clear()
         for region in self._regions:
             _unmap(region)
         self._regions.clear()

@@ -1,38 +1,53 @@
-"""The entropy source: the file named by --filename, read without blocking the event loop.
+"""The entropy source: the file named by --filename, read by the vrings' worker threads.
 
-How a read can wait depends on what the file is, so the source picks a strategy when opened:
+Bytes enter guest memory only through `os.readv` straight from a file descriptor into the
+guest's buffers, so memory a VMM took away after mapping it costs EFAULT (an incident of that
+guest), never SIGBUS (the whole daemon). How that fd behaves depends on what the file is:
 
 * regular files and the kernel's memory devices (/dev/urandom, /dev/random, /dev/zero): reads
-  never wait, so they go straight into guest memory with `os.readv`.
-* FIFOs and sockets: opened non-blocking; an empty pipe parks the reading task on
-  `wait_readable`.
+  never wait.
+* FIFOs and sockets: opened non-blocking; an empty pipe makes the reader poll it.
 * other character devices (/dev/hwrng and friends) may not support poll(), so a non-blocking
-  read would spin. They are read in a worker thread into a bounce buffer that is then copied into
-  guest memory; the thread never touches guest memory, so a stop or disconnect can unmap it
-  while a slow read is still running.
+  read would spin and a blocking one could not be stopped. A pump thread of the source's own
+  reads the device and writes into a pipe, and the vrings read that pipe like a FIFO.
 
 At end of file (a regular file read to its end, a FIFO whose writer went away) requests wait and
 the source is retried every `eof_retry` seconds: data appended later is served, and the guest is
 not made to spin on empty completions.
+
+Concurrent readers need no lock: the kernel reads a pipe, or a regular file at the shared
+offset, atomically per call, so each read is a contiguous run of the source's bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import select
 import stat
 from collections.abc import Sequence
 
-import trio
+from rngd.threads import run_owned_thread
 
 log = logging.getLogger(__name__)
 
 #: Major number of the kernel's memory character devices (mem, null, zero, random, urandom...).
 _MEM_MAJOR = 1
+#: What `read` answers when nothing can be read without waiting.
+WOULD_BLOCK = -1
+#: Bytes the device pump reads at a time.
+_PUMP_CHUNK = 4096
 
 
 class SourceError(Exception):
     """The source cannot be opened or read."""
+
+
+class GuestMemoryFault(Exception):
+    """A read into guest memory failed with EFAULT: the VMM unmapped or shrank it under us."""
 
 
 class EntropySource:
@@ -43,108 +58,106 @@ class EntropySource:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise SourceError(f"cannot open entropy source {path}: {exc.strerror}") from exc
-        self._fd = fd
         st = os.fstat(fd)
         mode = st.st_mode
         memory_device = stat.S_ISCHR(mode) and os.major(st.st_rdev) == _MEM_MAJOR
         self.kind: str
+        self._device: int | None = None
+        self._pipe_in: int | None = None
         if stat.S_ISREG(mode) or memory_device:
             self.kind = "file"
         elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
             self.kind = "pipe"
         elif stat.S_ISCHR(mode):
             self.kind = "device"
-            # The worker thread must block in read(), not spin on EAGAIN.
+            # The pump polls before it reads (stoppable where the device can poll) and then
+            # blocks in read(), not spin on EAGAIN where it cannot.
             os.set_blocking(fd, True)
+            self._device = fd
+            fd, self._pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         else:
             os.close(fd)
             raise SourceError(f"entropy source {path} is not a file, FIFO or character device")
-        # One reader at a time: reads from a shared source must not interleave, or the bytes
-        # one guest gets would not be the source's bytes in order.
-        self._lock = trio.Lock()
-        self._eof_logged = False
+        #: What the vrings read (and poll, while it is empty).
+        self.fd = fd
+        self.eof_logged = False
         self._closed = False
 
-    def try_read(self, buffers: Sequence[memoryview]) -> int | None:
-        """Read now, if that cannot wait: the count (>= 1), or None to await `read_into`.
+    def read(self, buffers: Sequence[memoryview]) -> int:
+        """One non-blocking read into `buffers`: the count, 0 at end of file, or WOULD_BLOCK.
 
-        The fast path of the common case (/dev/urandom, a file with data left): no lock, no
-        trip through the scheduler. A read that would wait (an empty FIFO, a device, end of
-        file, another reader already waiting) is left to `read_into`, which keeps the order.
+        Safe to call from any thread. Raises GuestMemoryFault when a buffer is not there any
+        more, SourceError when the source itself fails.
         """
-        if self.kind == "device" or self._lock.locked():
-            return None
         try:
-            count = os.readv(self._fd, buffers)
+            count = os.readv(self.fd, buffers)
         except (BlockingIOError, InterruptedError):
-            return None
+            return WOULD_BLOCK
         except OSError as exc:
+            if exc.errno == errno.EFAULT:
+                raise GuestMemoryFault("guest memory vanished under a request") from exc
             raise SourceError(f"reading {self.path}: {exc.strerror}") from exc
-        if count == 0:
-            return None
-        self._eof_logged = False
+        if count:
+            self.eof_logged = False
+        elif not self.eof_logged:
+            self.eof_logged = True
+            log.warning(
+                "entropy source %s is at end of file; requests wait for more data", self.path
+            )
         return count
 
-    async def read_into(self, buffers: Sequence[memoryview]) -> int:
-        """Fill `buffers` in order with up to their total length; return how many bytes.
+    async def run(self) -> None:
+        """Feed the pipe from the device until cancelled (a device source's pump task; other
+        kinds return at once). The thread is joined before this returns."""
+        if self._device is None:
+            return
+        await run_owned_thread(self._pump, name=f"rngd source {self.path}")
 
-        Returns at least one byte: it waits (parking only the calling task) while the source
-        has nothing to give. Buffers of no length at all get 0 at once: a read of nothing
-        returns 0, which must not be taken for end of file (that would wait forever).
-        """
-        if not any(len(b) for b in buffers):
-            await trio.lowlevel.checkpoint()
-            return 0
-        async with self._lock:
-            while True:
-                count = await self._read_once(buffers)
-                if count > 0:
-                    self._eof_logged = False
-                    return count
-                if not self._eof_logged:
-                    log.warning(
-                        "entropy source %s is at end of file; requests wait for more data",
-                        self.path,
-                    )
-                    self._eof_logged = True
-                await trio.sleep(self.eof_retry)
-
-    async def _read_once(self, buffers: Sequence[memoryview]) -> int:
-        if self.kind == "device":
-            return await self._read_in_thread(buffers)
-        # Cancellation may strike only before the read: once bytes are in guest memory the
-        # caller must get to complete the request, or they would be lost from the source.
-        await trio.lowlevel.checkpoint_if_cancelled()
+    def _pump(self, stop: int) -> None:
+        device, pipe_in = self._device, self._pipe_in
+        assert device is not None and pipe_in is not None
+        readable, writable = select.poll(), select.poll()
+        readable.register(device, select.POLLIN)
+        readable.register(stop, select.POLLIN)
+        writable.register(pipe_in, select.POLLOUT)
+        writable.register(stop, select.POLLIN)
+        # A big pipe lets the device run ahead of bursts of requests.
+        # (Capped by /proc/sys/fs/pipe-max-size; the default size works too.)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, 1 << 20)
+        idle = self.eof_retry * 1000
         while True:
+            if any(fd == stop for fd, _ in readable.poll()):
+                return
             try:
-                count = os.readv(self._fd, buffers)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-                continue
-            except InterruptedError:
-                continue
+                data = os.read(device, _PUMP_CHUNK)
             except OSError as exc:
-                raise SourceError(f"reading {self.path}: {exc.strerror}") from exc
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return count
-
-    async def _read_in_thread(self, buffers: Sequence[memoryview]) -> int:
-        total = sum(len(b) for b in buffers)
-        fd = self._fd
-        try:
-            data = await trio.to_thread.run_sync(os.read, fd, total, abandon_on_cancel=True)
-        except OSError as exc:
-            raise SourceError(f"reading {self.path}: {exc.strerror}") from exc
-        offset = 0
-        for buffer in buffers:
-            if offset >= len(data):
-                break
-            chunk = data[offset : offset + len(buffer)]
-            buffer[: len(chunk)] = chunk
-            offset += len(chunk)
-        return len(data)
+                log.error("reading %s: %s", self.path, exc.strerror)
+                data = b""
+            if not data:
+                # End of file or an error: wait, stoppably, rather than spin on it.
+                if wait_readable(stop, idle):
+                    return
+                continue
+            while data:
+                if any(fd == stop for fd, _ in writable.poll()):
+                    return
+                try:
+                    data = data[os.write(pipe_in, data) :]
+                except BlockingIOError:
+                    continue
 
     def close(self) -> None:
+        """Close the source (after every reader and the pump task have stopped)."""
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
+            for fd in (self.fd, self._device, self._pipe_in):
+                if fd is not None:
+                    os.close(fd)
+
+
+def wait_readable(fd: int, timeout_ms: float) -> bool:
+    """Block (in a worker thread) up to `timeout_ms` for `fd` to become readable."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout_ms))

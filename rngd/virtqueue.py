@@ -29,10 +29,6 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 
-#: Largest fill of one request. virtio-rng lets the device return fewer bytes than offered; a
-#: bound keeps one request with a huge buffer from holding its vring (and budget) for long.
-MAX_REQUEST_BYTES = 1 << 20
-
 
 class ChainError(Exception):
     """This descriptor chain is malformed; complete it with length 0."""
@@ -56,22 +52,16 @@ def fence() -> None:
 
 @dataclass(frozen=True)
 class Segment:
-    """One device-writable buffer of a chain: its guest-physical span, and where the walk
-    found it in our mapping (so filling it needs no second translation)."""
+    """One device-writable buffer of a chain: its guest-physical span, and the bytes of our
+    mapping it names (so filling it needs no second translation)."""
 
     addr: int
     length: int
-    region: memoryview | None = field(default=None, compare=False, repr=False)
-    offset: int = field(default=0, compare=False, repr=False)
-
-    def view(self, length: int) -> memoryview:
-        """The first `length` bytes of the buffer; release it promptly (it pins the map)."""
-        assert self.region is not None and length <= self.length
-        return self.region[self.offset : self.offset + length]
+    buffer: memoryview | None = field(default=None, compare=False, repr=False)
 
 
 class SplitQueue:
-    """One ring's device-side state: where its parts live and the next indices to use."""
+    """One ring's device-side state: where its parts live, its options, the next indices."""
 
     def __init__(
         self,
@@ -84,41 +74,51 @@ class SplitQueue:
         *,
         event_idx: bool,
         indirect: bool,
+        notify_on_empty: bool = False,
     ) -> None:
         self.memory = memory
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
+        self.notify_on_empty = notify_on_empty
         try:
-            self._desc_map, self._desc = memory.uva(desc, 16 * size)
-            memory.uva(avail, 6 + 2 * size)
-            memory.uva(used, 6 + 8 * size)
+            desc_view, desc_offset = memory.span(desc, 16 * size, vmm=True)
+            avail_view, avail_offset = memory.span(avail, 6 + 2 * size, vmm=True)
+            used_view, used_offset = memory.span(used, 6 + 8 * size, vmm=True)
         except GuestMemoryError as exc:
             raise RingError(f"ring not in guest memory: {exc}") from exc
-        avail_view = memory.uva_view(avail, 6 + 2 * size)
-        used_view = memory.uva_view(used, 6 + 8 * size)
+        self._desc = desc_view[desc_offset : desc_offset + 16 * size]
+        avail_bytes = avail_view[avail_offset : avail_offset + 6 + 2 * size]
+        used_bytes = used_view[used_offset : used_offset + 6 + 8 * size]
         # The indices the driver and we update under each other's feet go through typed views:
         # a memoryview item is read or written with one aligned access, where struct.pack_into
         # first zeroes the field (a driver could read a used index of 0 in between) and "<H"
         # goes a byte at a time (half an update). Element stores need no such care: the used
         # index publishes them.
         # avail: flags, idx, ring[size], used_event
-        self._avail = avail_view.cast("H")
+        self._avail = avail_bytes.cast("H")
         # used: flags, idx, then {id u32, len u32}[size], then avail_event
-        self._used = used_view.cast("H")
-        self._used_elems = used_view[4 : 4 + 8 * size].cast("I")
-        self._views = (avail_view, used_view)
+        self._used = used_bytes.cast("H")
+        self._used_elems = used_bytes[4 : 4 + 8 * size].cast("I")
+        self._views = (avail_bytes, used_bytes)
         self._used_event_slot = 2 + size
         self._avail_event_slot = 2 + 4 * size
         self.next_avail = next_avail & 0xFFFF
         # We complete requests in order and never keep one across a stop, so the used index
         # always equals the avail index we have consumed.
         self.next_used = self.next_avail
-        self._signalled_used = self.next_used
+        self._signalled_used = self._published_used = self.next_used
+        # Translations of the buffers drivers post: Linux reuses the same few buffers, so a
+        # request usually costs one dict lookup instead of a region search and a new view.
+        self._segments: dict[tuple[int, int], Segment] = {}
 
     def release(self) -> None:
         """Let go of guest memory (call once the ring's task has stopped)."""
-        for view in (self._avail, self._used, self._used_elems, *self._views):
+        for segment in self._segments.values():
+            assert segment.buffer is not None
+            segment.buffer.release()
+        self._segments.clear()
+        for view in (self._avail, self._used, self._used_elems, self._desc, *self._views):
             view.release()
 
     # --- avail side ---
@@ -129,7 +129,7 @@ class SplitQueue:
 
     def pending(self) -> int:
         """How many requests wait. A count above the queue size means the index is garbage."""
-        count = (self.avail_idx() - self.next_avail) & 0xFFFF
+        count = (self._avail[1] - self.next_avail) & 0xFFFF
         if count > self.size:
             raise RingError(
                 f"avail index {self.avail_idx()} is {count} ahead of {self.next_avail} "
@@ -137,9 +137,10 @@ class SplitQueue:
             )
         return count
 
-    def head(self) -> int:
-        """Descriptor index of the next request (call only when `pending()`)."""
-        head: int = self._avail[2 + self.next_avail % self.size]
+    def head(self, ahead: int = 0) -> int:
+        """Descriptor index of the request `ahead` places after the next one (call only for
+        `ahead < pending()`)."""
+        head: int = self._avail[2 + (self.next_avail + ahead) % self.size]
         if head >= self.size:
             raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
         return head
@@ -151,13 +152,13 @@ class SplitQueue:
         chain ends in ChainError instead of spinning.
         """
         segments: list[Segment] = []
-        table_map, table, table_size = self._desc_map, self._desc, self.size
+        table, base, table_size = self._desc, 0, self.size
         index, budget, indirect_seen = head, self.size, False
         while True:
             if budget == 0:
                 raise ChainError("descriptor chain loops or is longer than the queue")
             budget -= 1
-            addr, length, flags, nxt = DESC.unpack_from(table_map, table + 16 * index)
+            addr, length, flags, nxt = DESC.unpack_from(table, base + 16 * index)
             if flags & DESC_F_INDIRECT:
                 if indirect_seen:
                     raise ChainError("indirect descriptor inside an indirect table")
@@ -168,37 +169,60 @@ class SplitQueue:
                 if length == 0 or length % 16 or length // 16 > self.size:
                     raise ChainError(f"indirect table of {length} bytes")
                 try:
-                    table_map, table = self.memory.gpa(addr, length)
+                    table, base = self.memory.span(addr, length)
                 except GuestMemoryError as exc:
                     raise ChainError(f"indirect table: {exc}") from exc
                 table_size, index, budget, indirect_seen = length // 16, 0, length // 16, True
                 continue
             if not flags & DESC_F_WRITE:
                 raise ChainError("device-readable descriptor in an RNG request")
-            if length == 0:
-                raise ChainError("descriptor of length 0")
-            try:
-                region, offset = self.memory.gpa_span(addr, length)
-            except GuestMemoryError as exc:
-                raise ChainError(str(exc)) from exc
-            segments.append(Segment(addr, length, region, offset))
+            segment = self._segments.get((addr, length))
+            if segment is None:
+                segment = self._translate(addr, length)
+            segments.append(segment)
             if not flags & DESC_F_NEXT:
                 return segments
             if nxt >= table_size:
                 raise ChainError(f"next index {nxt} outside a table of {table_size}")
             index = nxt
 
+    def _translate(self, addr: int, length: int) -> Segment:
+        if length == 0:
+            raise ChainError("descriptor of length 0")
+        try:
+            region, offset = self.memory.span(addr, length)
+        except GuestMemoryError as exc:
+            raise ChainError(str(exc)) from exc
+        if len(self._segments) >= 4 * self.size:
+            # A driver that never reuses a buffer gets no help from the cache; bound it. Views
+            # dropped here are freed with their last reference.
+            self._segments.clear()
+        segment = self._segments[addr, length] = Segment(
+            addr, length, region[offset : offset + length]
+        )
+        return segment
+
     # --- used side ---
 
-    def complete(self, head: int, length: int) -> None:
-        """Return the request at `head` with `length` bytes written, and consume its avail slot."""
+    def put_used(self, head: int, length: int) -> None:
+        """Return the request at `head` with `length` bytes written, consuming its avail slot;
+        the driver sees it at the next `publish_used`."""
         slot = 2 * (self.next_used % self.size)
         self._used_elems[slot] = head
         self._used_elems[slot + 1] = length
         self.next_used = (self.next_used + 1) & 0xFFFF
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        fence()  # the element must be visible before the index that publishes it
-        self._used[1] = self.next_used
+
+    def publish_used(self) -> None:
+        """Make every used element put so far visible to the driver: one fence, one store."""
+        if self._published_used != self.next_used:
+            fence()  # the elements must be visible before the index that publishes them
+            self._used[1] = self._published_used = self.next_used
+
+    def complete(self, head: int, length: int) -> None:
+        """`put_used` and `publish_used` in one."""
+        self.put_used(head, length)
+        self.publish_used()
 
     def enable_notifications(self) -> bool:
         """Ask the driver to kick for what comes after `next_avail`; True if more came already.
@@ -212,8 +236,8 @@ class SplitQueue:
             fence()
         return self.pending() > 0
 
-    def needs_interrupt(self, notify_on_empty: bool = False) -> bool:
-        """Whether the completions since the last interrupt should be signalled now."""
+    def needs_interrupt(self) -> bool:
+        """Whether the completions published since the last interrupt should be signalled."""
         old, new = self._signalled_used, self.next_used
         if old == new:
             return False
@@ -225,7 +249,7 @@ class SplitQueue:
         else:
             flags: int = self._avail[0]
             wanted = not flags & AVAIL_F_NO_INTERRUPT
-            if notify_on_empty and not wanted:
-                wanted = self.avail_idx() == self.next_avail
+            if self.notify_on_empty and not wanted:
+                wanted = self._avail[1] == self.next_avail
         self._signalled_used = new
         return wanted

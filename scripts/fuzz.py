@@ -13,7 +13,7 @@ tests in tests/test_properties.py call on hypothesis-generated inputs):
   guest memory mapped by `rngd.memory.GuestMemory`. Invariants: `SplitQueue.pending` / `head`
   raise RingError exactly for an avail index too far ahead / a head out of range;
   `SplitQueue.chain` terminates with segments or ChainError; every segment lies inside one
-  region and has a length; a chain has at most 2 * size segments; `RngDevice.fill` writes
+  region and has a length; a chain has at most 2 * size segments; `lay_out` and a read write
   exactly the first `limit` bytes of the segments and not one byte anywhere else (checked over
   the whole memfds, including the bytes before a region's mmap_offset).
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import mmap
 import os
 import random
@@ -42,8 +41,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from rngd.device import RngDevice
-from rngd.incidents import IncidentLog
+from rngd.device import lay_out
 from rngd.memory import GuestMemory, GuestMemoryError
 from rngd.protocol.codec import MessageError, MessageReader, ProtocolError, encode_u64
 from rngd.protocol.constants import (
@@ -118,9 +116,8 @@ def _act_on_mem_table(event: SetMemTable) -> None:
                     region.guest_phys_addr,
                     region.guest_phys_addr + region.memory_size - 1,
                 ):
-                    view = memory.gpa_view(addr, 1)
-                    view[0] = view[0] ^ 0
-                    view.release()
+                    region_view, offset = memory.span(addr, 1)
+                    region_view[offset] = region_view[offset] ^ 0
         finally:
             memory.close()
     finally:
@@ -558,7 +555,6 @@ async def check_walker(wm: WalkerMemory, case: WalkerCase) -> tuple[int, int]:
         pending = 0
     else:
         assert pending == ahead <= case.size
-    device = RngDevice(wm.source, _Unlimited(), IncidentLog(_QUIET, ""))
     walked = filled = 0
     for _ in range(min(pending, 4)):
         # Read the slot afresh: a buffer filled earlier may cover the ring (the guest's choice).
@@ -581,29 +577,15 @@ async def check_walker(wm: WalkerMemory, case: WalkerCase) -> tuple[int, int]:
         for s in segments:
             assert s.length > 0 and _in_layout(s.addr, s.length), f"segment {s} outside memory"
         before = wm.snapshot()
-        written = await device.fill(segments, case.limit)
+        iov: list[memoryview] = []
+        lay_out(segments, case.limit, iov)
+        written = wm.source.read(iov) if iov else 0
         total = sum(s.length for s in segments)
         assert written == min(case.limit, total), f"wrote {written} of {min(case.limit, total)}"
         _assert_only_changed(wm, before, _allowed(segments, case.limit))
         filled += 1
         queue.next_avail = (queue.next_avail + 1) & 0xFFFF
     return walked, filled
-
-
-class _Unlimited:
-    def try_acquire(self, want: int) -> int:
-        return want
-
-    async def acquire(self, want: int) -> int:
-        return want
-
-    def refund(self, unused: int) -> None:
-        pass
-
-
-_QUIET = logging.getLogger("rngd.fuzz")
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
 
 
 def interesting_addresses(rng: random.Random) -> int:

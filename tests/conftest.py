@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import trio.testing
 
 from rngd.testing import daemon_in_process
 
@@ -39,3 +40,11 @@ async def socks(source: tuple[str, bytes], workdir: str) -> AsyncIterator[list[s
         os.path.join(workdir, "rng.sock"), filename=source[0], socket_count=2
     ) as paths:
         yield paths
+
+
+@pytest.fixture
+def threaded_autojump_clock() -> trio.testing.MockClock:
+    """trio's autojump MockClock for tests of a daemon whose vrings run in worker threads:
+    trio cannot see their work, so time jumps only once trio has been idle for a while of real
+    time, not the moment it is. pytest-trio runs a test on whichever Clock a fixture returns."""
+    return trio.testing.MockClock(autojump_threshold=0.25)

@@ -374,7 +374,7 @@ async def test_signal_with_connected_guests_exits_cleanly(
 
 
 async def test_stop_while_throttled_keeps_the_parked_request(
-    workdir: str, source: tuple[str, bytes], autojump_clock: trio.testing.MockClock
+    workdir: str, source: tuple[str, bytes], threaded_autojump_clock: trio.testing.MockClock
 ) -> None:
     """A request parked on the bandwidth budget when the VMM stops the ring is not counted in
     GET_VRING_BASE: after a restart from that base it is served (once the period refills)

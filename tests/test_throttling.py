@@ -1,7 +1,9 @@
 """While one vring waits for the bandwidth budget, nothing else does (issue: rate limiting).
 
 The daemon runs in-process on trio's MockClock (autojump): a period of 10 s passes only when
-every task is blocked, so "before the refill" is exact and the tests do not wait.
+everything is idle, so "before the refill" is exact and the tests do not wait long. The vrings
+are served by worker threads whose work trio cannot see, so the clock may jump only once trio
+has been idle for a while of real time (`threaded_autojump_clock`), not the moment it is.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ PERIOD_MS = 10_000
 
 
 async def test_completions_are_signalled_before_the_ring_parks(
-    autojump_clock: trio.testing.MockClock,
+    threaded_autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with (
         daemon_in_process(max_bytes=256, period_ms=PERIOD_MS) as paths,
@@ -38,7 +40,7 @@ async def test_completions_are_signalled_before_the_ring_parks(
 
 
 async def test_parked_ring_leaves_protocol_and_other_guests_running(
-    autojump_clock: trio.testing.MockClock,
+    threaded_autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with (
         daemon_in_process(socket_count=2, max_bytes=256, period_ms=PERIOD_MS) as paths,
@@ -68,7 +70,7 @@ async def test_parked_ring_leaves_protocol_and_other_guests_running(
 
 
 async def test_fair_share_lets_a_lone_guest_use_the_whole_budget(
-    autojump_clock: trio.testing.MockClock,
+    threaded_autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with (
         daemon_in_process(socket_count=4, max_bytes=256, period_ms=PERIOD_MS, share="fair") as p,

@@ -45,18 +45,28 @@ def memory() -> Iterator[GuestMemory]:
 
 
 def poke(mem: GuestMemory, gpa: int, fmt: str, *values: int) -> None:
-    mapping, offset = mem.gpa(gpa, struct.calcsize(fmt))
+    mapping, offset = mem.span(gpa, struct.calcsize(fmt))
     struct.pack_into(fmt, mapping, offset, *values)
 
 
 def peek(mem: GuestMemory, gpa: int, fmt: str) -> tuple[int, ...]:
-    mapping, offset = mem.gpa(gpa, struct.calcsize(fmt))
+    mapping, offset = mem.span(gpa, struct.calcsize(fmt))
     return struct.unpack_from(fmt, mapping, offset)
 
 
-def queue(mem: GuestMemory, *, event_idx: bool = False, base: int = 0) -> SplitQueue:
+def queue(
+    mem: GuestMemory, *, event_idx: bool = False, base: int = 0, notify_on_empty: bool = False
+) -> SplitQueue:
     return SplitQueue(
-        mem, SIZE, UVA + DESC, UVA + AVAIL, UVA + USED, base, event_idx=event_idx, indirect=True
+        mem,
+        SIZE,
+        UVA + DESC,
+        UVA + AVAIL,
+        UVA + USED,
+        base,
+        event_idx=event_idx,
+        indirect=True,
+        notify_on_empty=notify_on_empty,
     )
 
 
@@ -73,13 +83,13 @@ def post(mem: GuestMemory, *heads: int) -> None:
 
 
 def test_translation_honours_offsets_and_bounds(memory: GuestMemory) -> None:
-    mapping, offset = memory.gpa(GPA2 + 0x10, 16)
+    mapping, offset = memory.span(GPA2 + 0x10, 16)
     assert offset == 2 * PAGE + 0x10
-    mapping2, offset2 = memory.uva(UVA + 0x100000 + 0x10, 16)
-    assert (mapping2, offset2) == (mapping, offset)
+    mapping2, offset2 = memory.span(UVA + 0x100000 + 0x10, 16, vmm=True)
+    assert mapping2 is mapping and offset2 == offset
     for addr, length in [(16 * PAGE - 8, 16), (GPA2 - 1, 2), (2**64 - 1, 2), (GPA2 + 16 * PAGE, 1)]:
         with pytest.raises(GuestMemoryError):
-            memory.gpa(addr, length)
+            memory.span(addr, length)
 
 
 def test_map_refuses_a_region_larger_than_its_fd() -> None:
@@ -175,14 +185,14 @@ def test_event_idx_suppression(memory: GuestMemory) -> None:
 
 
 def test_no_interrupt_flag_and_notify_on_empty(memory: GuestMemory) -> None:
-    q = queue(memory)
+    q = queue(memory, notify_on_empty=True)
     desc(memory, 0, 0x4000, 64, DESC_F_WRITE)
     poke(memory, AVAIL, "<H", 1)  # VRING_AVAIL_F_NO_INTERRUPT
     post(memory, 0, 0)
     q.complete(q.head(), 64)
-    assert not q.needs_interrupt(notify_on_empty=True)  # not empty yet: suppressed
+    assert not q.needs_interrupt()  # not empty yet: suppressed
     q.complete(q.head(), 64)
-    assert q.needs_interrupt(notify_on_empty=True)  # ring empty: NOTIFY_ON_EMPTY overrides
+    assert q.needs_interrupt()  # ring empty: NOTIFY_ON_EMPTY overrides
     poke(memory, AVAIL, "<H", 0)
     post(memory, 0)
     q.complete(q.head(), 64)
