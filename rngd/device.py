@@ -188,7 +188,7 @@ class VringWorker:
                 self.flush()
 
     def drain(self) -> None:
-        """Serve every available request, then re-enable notifications and signal the guest."""
+        """Serve every available request, then re-arm notifications and signal the guest."""
         queue = self.queue
         while True:
             pending = queue.pending()
@@ -197,8 +197,10 @@ class VringWorker:
                 if self.stopping:
                     raise _Stopped
                 continue
-            self.flush()
-            if not queue.enable_notifications():
+            interrupt, more = queue.end_batch()
+            if interrupt:
+                self.call.signal()
+            if not more:
                 return
 
     def flush(self) -> None:
@@ -211,60 +213,57 @@ class VringWorker:
     def serve_batch(self, pending: int) -> None:
         """Serve up to `pending` requests (fewer if the budget or a batch's bounds say so)."""
         queue = self.queue
-        # 1. Walk the chains: what each may take.
-        heads: list[int] = []
-        chains: list[list[Segment] | None] = []
+        # 1. Walk the chains, in order: what each may take.
+        batch: list[tuple[int, list[Segment] | None]] = []
         total = 0
         for ahead in range(pending):
             head = queue.head(ahead)
             try:
-                chain = queue.chain(head)
+                chain: list[Segment] = queue.chain(head)
             except ChainError as exc:
                 self.incident("request %d refused, completed empty: %s", head, exc)
-                chains.append(None)
-            else:
-                total += min(sum(s.length for s in chain), MAX_REQUEST_BYTES)
-                chains.append(chain)
-            heads.append(head)
+                batch.append((head, None))
+                continue
+            batch.append((head, chain))
+            total += chain[0].length if len(chain) == 1 else sum(s.length for s in chain)
             if total >= MAX_BATCH_BYTES:
                 break
         # 2. One grant for the batch.
         credit = self.take_credit(min(total, MAX_BATCH_BYTES)) if total else 0
-        # 3. Lay out the buffers, in order, as far as the credit and readv's limit go.
+        # 3. Lay out the buffers as far as the credit and readv's limit go.
         iov: list[memoryview] = []
         takes: list[int] = []
-        left = credit
-        for segments in chains:
+        for _, segments in batch:
             if segments is None:
                 takes.append(0)
                 continue
-            if left == 0 or len(iov) + len(segments) > _IOV_MAX:
+            if credit == 0 or len(iov) + len(segments) > _IOV_MAX:
                 break
-            laid = lay_out(segments, min(left, MAX_REQUEST_BYTES), iov)
-            left -= laid
+            laid = lay_out(segments, min(credit, MAX_REQUEST_BYTES), iov)
+            credit -= laid
             takes.append(laid)
         # 4. One read for all of them, then the used elements in order.
         count = self.read(iov) if iov else 0
         self.credit -= count
-        for head, segments, take in zip(heads, chains, takes, strict=False):
-            if segments is None:
-                queue.put_used(head, 0)
-                continue
-            written = min(take, count)
-            if written == 0:
+        for (head, _), take in zip(batch, takes, strict=False):
+            written = take if take <= count else count
+            if written == 0 and take:
                 break  # a short read: this one waits for the next batch
             count -= written
             queue.put_used(head, written)
 
     def take_credit(self, want: int) -> int:
         """Up to `want` bytes of budget: from the credit held, else from the scheduler."""
-        if self.credit and self.clock.current_time() >= self.credit_until:
-            self.credit = 0  # granted for a window that is over
-        if not self.credit:
+        credit = self.credit
+        until = self.credit_until
+        if credit and until != math.inf and self.clock.current_time() >= until:
+            credit = self.credit = 0  # granted for a window that is over
+        if not credit:
             # Asking may park this ring until the refill: let the guest see what is done.
             self.flush()
-            self.credit, self.credit_until = trio.from_thread.run(self._grant, want)
-        return min(want, self.credit)
+            credit, self.credit_until = trio.from_thread.run(self._grant, want)
+            self.credit = credit
+        return want if want <= credit else credit
 
     async def _grant(self, want: int) -> tuple[int, float]:
         # Runs in the owning task, in trio: the scheduler is not thread-safe.

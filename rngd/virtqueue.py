@@ -12,6 +12,7 @@ untrusted. Two kinds of trouble are told apart:
 
 from __future__ import annotations
 
+import platform
 import struct
 import sys
 import threading
@@ -48,6 +49,11 @@ _FENCE = threading.Lock()
 def fence() -> None:
     with _FENCE:
         pass
+
+
+#: x86 keeps stores in program order (TSO), and so does the interpreter: there, the used
+#: elements are visible before the index that publishes them without a fence.
+_STORES_ORDERED = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,8 @@ class SplitQueue:
     def publish_used(self) -> None:
         """Make every used element put so far visible to the driver: one fence, one store."""
         if self._published_used != self.next_used:
-            fence()  # the elements must be visible before the index that publishes them
+            if not _STORES_ORDERED:
+                fence()  # the elements must be visible before the index that publishes them
             self._used[1] = self._published_used = self.next_used
 
     def complete(self, head: int, length: int) -> None:
@@ -236,12 +243,25 @@ class SplitQueue:
             fence()
         return self.pending() > 0
 
+    def end_batch(self) -> tuple[bool, bool]:
+        """Before sleeping: publish the completions and re-arm notifications, with one fence
+        for both handshakes. Returns (interrupt the guest now?, more requests came already?).
+        """
+        self.publish_used()
+        if self.event_idx:
+            self._used[self._avail_event_slot] = self.next_avail
+        fence()
+        return self._interrupt_wanted(), self.pending() > 0
+
     def needs_interrupt(self) -> bool:
         """Whether the completions published since the last interrupt should be signalled."""
+        fence()  # used idx must be visible before we read the driver's suppression state
+        return self._interrupt_wanted()
+
+    def _interrupt_wanted(self) -> bool:
         old, new = self._signalled_used, self.next_used
         if old == new:
             return False
-        fence()  # used idx must be visible before we read the driver's suppression state
         if self.event_idx:
             used_event: int = self._avail[self._used_event_slot]
             # vring_need_event(): did `new` pass the index the driver asked to hear about?
