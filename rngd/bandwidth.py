@@ -27,11 +27,14 @@ Sharing:
 
 All the accounting, every guest's included, is the scheduler's: a `GuestBudget` only binds a
 guest index to it, so the policy above can be read (and changed) in one class.
+`BandwidthScheduler.statistics()` reports the current window and running totals, as trio's
+`CapacityLimiter.statistics()` does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import math
 
@@ -45,6 +48,56 @@ class ShareMode(enum.Enum):
     FAIR = "fair"
 
 
+@dataclasses.dataclass(frozen=True)
+class GuestStatistics:
+    """One guest's part of `BandwidthStatistics`.
+
+    The per-window fields describe the current window and are 0 (`claim` None) when the
+    scheduler is unlimited, which has no windows. The ``total_`` fields count since the
+    scheduler was made, limited or not, and only ever grow.
+    """
+
+    #: The guest's (socket's) index.
+    index: int
+    #: Bytes charged to it in the current window: what it was granted less what it refunded.
+    granted: int
+    #: Fair mode: bytes of the window reserved for it at the last water-filling; None in split
+    #: mode, where every guest's share is ``max_bytes // guests``.
+    claim: int | None
+    #: Its requests parked now, waiting for bytes.
+    parked: int
+    #: Bytes returned by its `try_acquire` and `acquire` calls.
+    total_granted: int
+    #: Bytes of those given back by `refund` and credited (a refund is only credited in the
+    #: window of the grant; when unlimited, always).
+    total_refunded: int
+    #: Times one of its requests parked (nothing left for it, or others of its requests
+    #: already parked).
+    total_parked: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BandwidthStatistics:
+    """What `BandwidthScheduler.statistics()` returns: the configuration, the current window,
+    and the totals, over all guests and per guest (``guests[i]`` is guest i's part)."""
+
+    max_bytes: int | None
+    period: float
+    mode: ShareMode
+    #: The number k of the current window, which starts at ``window_start(k)``; 0 while
+    #: unlimited or before the windows start.
+    window: int
+    #: Bytes charged to the current window, all guests; never above `max_bytes`.
+    granted: int
+    #: Requests parked now, all guests.
+    parked: int
+    #: The sums of the guests' ``total_`` fields.
+    total_granted: int
+    total_refunded: int
+    total_parked: int
+    guests: tuple[GuestStatistics, ...]
+
+
 class _Account:
     """The scheduler's books on one guest."""
 
@@ -54,6 +107,9 @@ class _Account:
         "idle",
         "parked",
         "refundable",
+        "total_granted",
+        "total_parked",
+        "total_refunded",
         "used",
     )
 
@@ -66,6 +122,9 @@ class _Account:
         # What each task was granted this window and may still refund. Keyed by task so that a
         # vring's late refund of an old window's grant is not credited to another's new one.
         self.refundable: dict[trio.lowlevel.Task, int] = {}
+        self.total_granted = 0
+        self.total_refunded = 0
+        self.total_parked = 0
 
 
 class _Waiter:
@@ -148,9 +207,10 @@ class BandwidthScheduler:
         """`GuestBudget.try_acquire` of guest index `guest`."""
         if want < 1:
             raise ValueError(f"want must be at least 1, not {want}")
-        if self.max_bytes is None:
-            return want
         account = self._accounts[guest]
+        if self.max_bytes is None:
+            account.total_granted += want
+            return want
         self._advance()
         account.idle = False
         if account.parked:
@@ -161,16 +221,18 @@ class BandwidthScheduler:
             self._hand_out()  # new claims may let another guest's parked request through
         if granted:
             self._record(account, granted)
+            account.total_granted += granted
         return granted
 
     async def acquire(self, guest: int, want: int) -> int:
         """`GuestBudget.acquire` of guest index `guest`."""
         if want < 1:
             raise ValueError(f"want must be at least 1, not {want}")
+        account = self._accounts[guest]
         if self.max_bytes is None:
             await trio.lowlevel.checkpoint()
+            account.total_granted += want
             return want
-        account = self._accounts[guest]
         await trio.lowlevel.checkpoint_if_cancelled()
         granted = self.try_acquire(guest, want)
         if granted:
@@ -179,6 +241,7 @@ class BandwidthScheduler:
         waiter = _Waiter(account, want)
         self._waiters[waiter] = None
         account.parked += 1
+        account.total_parked += 1
         try:
             while not waiter.granted:
                 with trio.move_on_at(self.window_start(self._window + 1)):
@@ -189,22 +252,72 @@ class BandwidthScheduler:
             raise
         if waiter.window == self._window:
             self._record(account, waiter.granted)
+        account.total_granted += waiter.granted
         return waiter.granted
 
     def refund(self, guest: int, unused: int) -> None:
         """`GuestBudget.refund` of guest index `guest`."""
         if unused < 0:
             raise ValueError(f"cannot refund a negative amount ({unused})")
-        if self.max_bytes is None or unused == 0:
+        if unused == 0:
             return
         account = self._accounts[guest]
+        if self.max_bytes is None:
+            account.total_refunded += unused
+            return
         self._advance()
         task = trio.lowlevel.current_task()
         credit = min(unused, account.refundable.get(task, 0))
         if credit:
             account.refundable[task] -= credit
             account.used -= credit
+            account.total_refunded += credit
             self._hand_out()
+
+    def statistics(self) -> BandwidthStatistics:
+        """The configuration, the current window's accounting and the totals since start.
+
+        Called in trio once the windows have started, it first brings the accounting to the
+        window the clock is in, handing the refill to parked requests as any call would; so
+        what it reports is the state a request made now would meet. Outside trio, or before
+        the first use of a scheduler made outside trio, it reports the state as it stands.
+        """
+        if self.max_bytes is not None and self._epoch is not None and self._clock_running():
+            self._advance()
+        guests = tuple(self._guest_statistics(i) for i in range(len(self._accounts)))
+        return BandwidthStatistics(
+            max_bytes=self.max_bytes,
+            period=self.period,
+            mode=self.mode,
+            window=self._window,
+            granted=sum(g.granted for g in guests),
+            parked=sum(g.parked for g in guests),
+            total_granted=sum(g.total_granted for g in guests),
+            total_refunded=sum(g.total_refunded for g in guests),
+            total_parked=sum(g.total_parked for g in guests),
+            guests=guests,
+        )
+
+    @staticmethod
+    def _clock_running() -> bool:
+        try:
+            trio.current_time()
+        except RuntimeError:  # not in trio.run, or not in its thread
+            return False
+        return True
+
+    def _guest_statistics(self, index: int) -> GuestStatistics:
+        account = self._accounts[index]
+        fair = self.mode is ShareMode.FAIR and self.max_bytes is not None
+        return GuestStatistics(
+            index=index,
+            granted=account.used,
+            claim=account.claim if fair else None,
+            parked=account.parked,
+            total_granted=account.total_granted,
+            total_refunded=account.total_refunded,
+            total_parked=account.total_parked,
+        )
 
     # -- the accounting ---------------------------------------------------------------------
 
@@ -384,3 +497,7 @@ class GuestBudget:
         that is over stays charged, so its total is never exceeded.
         """
         self._scheduler.refund(self.index, unused)
+
+    def statistics(self) -> GuestStatistics:
+        """This guest's part of `BandwidthScheduler.statistics()`."""
+        return self._scheduler.statistics().guests[self.index]
