@@ -28,7 +28,9 @@ Sharing:
 All the accounting, every guest's included, is the scheduler's: a `GuestBudget` only binds a
 guest index to it, so the policy above can be read (and changed) in one class.
 `BandwidthScheduler.statistics()` reports the current window and running totals, as trio's
-`CapacityLimiter.statistics()` does.
+`CapacityLimiter.statistics()` does; `window_end()` tells until when a grant made now counts
+against the current window, for a holder of granted bytes outside trio (a worker thread) to stop
+using them in time.
 """
 
 from __future__ import annotations
@@ -274,6 +276,20 @@ class BandwidthScheduler:
             account.total_refunded += credit
             self._hand_out()
 
+    def window_end(self) -> float:
+        """trio time at which grants made now stop counting against the current window.
+
+        Bytes granted before then may be used until then; after it they belong to a window
+        that is over (a refund is no longer credited, and the next window's budget is not
+        theirs). Brings the accounting up to date first, so it is the end of the window the
+        clock is in (and, made outside trio and unused so far, it starts the windows).
+        math.inf when unlimited.
+        """
+        if self.max_bytes is None:
+            return math.inf
+        self._advance()
+        return self.window_start(self._window + 1)
+
     def statistics(self) -> BandwidthStatistics:
         """The configuration, the current window's accounting and the totals since start.
 
@@ -497,6 +513,11 @@ class GuestBudget:
         that is over stays charged, so its total is never exceeded.
         """
         self._scheduler.refund(self.index, unused)
+
+    def window_end(self) -> float:
+        """trio time until which bytes granted now count against the current window (see
+        `BandwidthScheduler.window_end`); math.inf when unlimited."""
+        return self._scheduler.window_end()
 
     def statistics(self) -> GuestStatistics:
         """This guest's part of `BandwidthScheduler.statistics()`."""

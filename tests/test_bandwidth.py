@@ -556,6 +556,56 @@ def test_statistics_outside_trio() -> None:
     assert (stats.window, stats.granted, stats.total_granted) == (0, 50, 50)
 
 
+# -- window_end -------------------------------------------------------------------------------
+
+
+async def test_window_end_is_when_a_grant_stops_counting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    await trio.sleep(0.3)
+    sched = BandwidthScheduler(100, PERIOD, 1)
+    budget = sched.guest(0)
+    assert budget.window_end() == sched.window_start(1) == 1.3
+    await trio.sleep_until(2.9)
+    assert budget.try_acquire(100) == 100
+    end = budget.window_end()
+    assert end == sched.window_start(3) == 3.3
+    # A holder of the grant (a worker thread) may use it until `end`, not after: there the
+    # grant stops counting against its window, and the next window's budget is whole.
+    await trio.sleep_until(end)
+    assert budget.window_end() == 4.3
+    budget.refund(100)
+    assert budget.statistics().total_refunded == 0
+    assert budget.try_acquire(1000) == 100
+
+
+async def test_window_end_is_exactly_the_next_window_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    period = 0.1  # not a binary fraction: the end must be window_start's, not a recomputation
+    sched = BandwidthScheduler(1000, period, 2)
+    for k in range(0, 50, 7):
+        await trio.sleep_until(sched.window_start(k))
+        assert sched.guest(k % 2).window_end() == sched.window_start(k + 1)
+        assert sched.statistics().window == k
+
+
+def test_window_end_starts_the_windows_of_a_scheduler_made_outside_trio() -> None:
+    sched = BandwidthScheduler(100, PERIOD, 1)
+
+    async def main() -> float:
+        await trio.sleep(5.5)
+        return sched.guest(0).window_end()
+
+    assert trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) == 6.5
+    assert sched.epoch == 5.5
+
+
+async def test_window_end_when_unlimited(autojump_clock: trio.testing.MockClock) -> None:
+    sched = BandwidthScheduler(None, PERIOD, 1)
+    assert sched.guest(0).window_end() == sched.window_end() == math.inf
+
+
 # -- configuration ----------------------------------------------------------------------------
 
 
