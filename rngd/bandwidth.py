@@ -24,11 +24,19 @@ Sharing:
   refused beyond its expected demand becomes unlimited at once and the claims are recomputed
   from what is left, so a newcomer gets an equal share of whatever has not been taken yet, and
   from the next window on contending guests get ``max_bytes / k`` each.
+
+All the accounting, every guest's included, is the scheduler's: a `GuestBudget` only binds a
+guest index to it, so the policy above can be read (and changed) in one class.
+`BandwidthScheduler.statistics()` reports the current window and running totals, as trio's
+`CapacityLimiter.statistics()` does; `window_end()` tells until when a grant made now counts
+against the current window, for a holder of granted bytes outside trio (a worker thread) to stop
+using them in time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import math
 
@@ -42,13 +50,92 @@ class ShareMode(enum.Enum):
     FAIR = "fair"
 
 
+@dataclasses.dataclass(frozen=True)
+class GuestStatistics:
+    """One guest's part of `BandwidthStatistics`.
+
+    The per-window fields describe the current window and are 0 (`claim` None) when the
+    scheduler is unlimited, which has no windows. The ``total_`` fields count since the
+    scheduler was made, limited or not, and only ever grow.
+    """
+
+    #: The guest's (socket's) index.
+    index: int
+    #: Bytes charged to it in the current window: what it was granted less what it refunded.
+    granted: int
+    #: Fair mode: bytes of the window reserved for it at the last water-filling; None in split
+    #: mode, where every guest's share is ``max_bytes // guests``.
+    claim: int | None
+    #: Its requests parked now, waiting for bytes.
+    parked: int
+    #: Bytes returned by its `try_acquire` and `acquire` calls.
+    total_granted: int
+    #: Bytes of those given back by `refund` and credited (a refund is only credited in the
+    #: window of the grant; when unlimited, always).
+    total_refunded: int
+    #: Times one of its requests parked (nothing left for it, or others of its requests
+    #: already parked).
+    total_parked: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BandwidthStatistics:
+    """What `BandwidthScheduler.statistics()` returns: the configuration, the current window,
+    and the totals, over all guests and per guest (``guests[i]`` is guest i's part)."""
+
+    max_bytes: int | None
+    period: float
+    mode: ShareMode
+    #: The number k of the current window, which starts at ``window_start(k)``; 0 while
+    #: unlimited or before the windows start.
+    window: int
+    #: Bytes charged to the current window, all guests; never above `max_bytes`.
+    granted: int
+    #: Requests parked now, all guests.
+    parked: int
+    #: The sums of the guests' ``total_`` fields.
+    total_granted: int
+    total_refunded: int
+    total_parked: int
+    guests: tuple[GuestStatistics, ...]
+
+
+class _Account:
+    """The scheduler's books on one guest."""
+
+    __slots__ = (
+        "claim",
+        "demand",
+        "idle",
+        "parked",
+        "refundable",
+        "total_granted",
+        "total_parked",
+        "total_refunded",
+        "used",
+    )
+
+    def __init__(self) -> None:
+        self.used = 0  # bytes charged to this guest in the current window
+        self.parked = 0  # requests of this guest waiting in the scheduler's queue
+        self.demand: int | None = 0  # fair mode: expected demand this window, None = unlimited
+        self.claim = 0  # fair mode: bytes reserved for this guest this window
+        self.idle = False  # its parked requests were cancelled and it has not asked since
+        # What each task was granted this window and may still refund. Keyed by task so that a
+        # vring's late refund of an old window's grant is not credited to another's new one.
+        self.refundable: dict[trio.lowlevel.Task, int] = {}
+        self.total_granted = 0
+        self.total_refunded = 0
+        self.total_parked = 0
+
+
 class _Waiter:
     """One parked `acquire` call."""
 
-    __slots__ = ("budget", "event", "granted", "want", "window")
+    __slots__ = ("account", "event", "granted", "want", "window")
 
-    def __init__(self, budget: GuestBudget, want: int) -> None:
-        self.budget = budget
+    def __init__(self, account: _Account, want: int) -> None:
+        self.account = account
         self.want = want
         self.granted = 0
         self.window = 0
@@ -56,7 +143,11 @@ class _Waiter:
 
 
 class BandwidthScheduler:
-    """The budget of `max_bytes` per `period` seconds, and the guests sharing it."""
+    """The budget of `max_bytes` per `period` seconds, and the guests sharing it.
+
+    The guests' vring tasks use it through their `GuestBudget` (see `guest`); the methods
+    taking a guest index here are what those handles call.
+    """
 
     def __init__(
         self,
@@ -87,6 +178,7 @@ class BandwidthScheduler:
         self.period = period
         self.mode = mode
         self._quota = max_bytes // guests if max_bytes is not None else 0
+        self._accounts = [_Account() for _ in range(guests)]
         self._guests = [GuestBudget(self, i) for i in range(guests)]
         self._window = 0
         self._claims_version = 0  # bumped by every _reserve
@@ -110,6 +202,140 @@ class BandwidthScheduler:
         """trio time at which window `k` starts; the refill of window k happens then."""
         assert self._epoch is not None
         return self._epoch + k * self.period
+
+    # -- the per-guest calls ----------------------------------------------------------------
+
+    def try_acquire(self, guest: int, want: int) -> int:
+        """`GuestBudget.try_acquire` of guest index `guest`."""
+        if want < 1:
+            raise ValueError(f"want must be at least 1, not {want}")
+        account = self._accounts[guest]
+        if self.max_bytes is None:
+            account.total_granted += want
+            return want
+        self._advance()
+        account.idle = False
+        if account.parked:
+            return 0
+        version = self._claims_version
+        granted = self._take(account, want)
+        if self._claims_version != version:
+            self._hand_out()  # new claims may let another guest's parked request through
+        if granted:
+            self._record(account, granted)
+            account.total_granted += granted
+        return granted
+
+    async def acquire(self, guest: int, want: int) -> int:
+        """`GuestBudget.acquire` of guest index `guest`."""
+        if want < 1:
+            raise ValueError(f"want must be at least 1, not {want}")
+        account = self._accounts[guest]
+        if self.max_bytes is None:
+            await trio.lowlevel.checkpoint()
+            account.total_granted += want
+            return want
+        await trio.lowlevel.checkpoint_if_cancelled()
+        granted = self.try_acquire(guest, want)
+        if granted:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return granted
+        waiter = _Waiter(account, want)
+        self._waiters[waiter] = None
+        account.parked += 1
+        account.total_parked += 1
+        try:
+            while not waiter.granted:
+                with trio.move_on_at(self.window_start(self._window + 1)):
+                    await waiter.event.wait()
+                self._advance()
+        except BaseException:
+            self._withdraw(waiter)
+            raise
+        if waiter.window == self._window:
+            self._record(account, waiter.granted)
+        account.total_granted += waiter.granted
+        return waiter.granted
+
+    def refund(self, guest: int, unused: int) -> None:
+        """`GuestBudget.refund` of guest index `guest`."""
+        if unused < 0:
+            raise ValueError(f"cannot refund a negative amount ({unused})")
+        if unused == 0:
+            return
+        account = self._accounts[guest]
+        if self.max_bytes is None:
+            account.total_refunded += unused
+            return
+        self._advance()
+        task = trio.lowlevel.current_task()
+        credit = min(unused, account.refundable.get(task, 0))
+        if credit:
+            account.refundable[task] -= credit
+            account.used -= credit
+            account.total_refunded += credit
+            self._hand_out()
+
+    def window_end(self) -> float:
+        """trio time at which grants made now stop counting against the current window.
+
+        Bytes granted before then may be used until then; after it they belong to a window
+        that is over (a refund is no longer credited, and the next window's budget is not
+        theirs). Brings the accounting up to date first, so it is the end of the window the
+        clock is in (and, made outside trio and unused so far, it starts the windows).
+        math.inf when unlimited.
+        """
+        if self.max_bytes is None:
+            return math.inf
+        self._advance()
+        return self.window_start(self._window + 1)
+
+    def statistics(self) -> BandwidthStatistics:
+        """The configuration, the current window's accounting and the totals since start.
+
+        Called in trio once the windows have started, it first brings the accounting to the
+        window the clock is in, handing the refill to parked requests as any call would; so
+        what it reports is the state a request made now would meet. Outside trio, or before
+        the first use of a scheduler made outside trio, it reports the state as it stands.
+        """
+        if self.max_bytes is not None and self._epoch is not None and self._clock_running():
+            self._advance()
+        guests = tuple(self._guest_statistics(i) for i in range(len(self._accounts)))
+        return BandwidthStatistics(
+            max_bytes=self.max_bytes,
+            period=self.period,
+            mode=self.mode,
+            window=self._window,
+            granted=sum(g.granted for g in guests),
+            parked=sum(g.parked for g in guests),
+            total_granted=sum(g.total_granted for g in guests),
+            total_refunded=sum(g.total_refunded for g in guests),
+            total_parked=sum(g.total_parked for g in guests),
+            guests=guests,
+        )
+
+    @staticmethod
+    def _clock_running() -> bool:
+        try:
+            trio.current_time()
+        except RuntimeError:  # not in trio.run, or not in its thread
+            return False
+        return True
+
+    def _guest_statistics(self, index: int) -> GuestStatistics:
+        account = self._accounts[index]
+        fair = self.mode is ShareMode.FAIR and self.max_bytes is not None
+        return GuestStatistics(
+            index=index,
+            granted=account.used,
+            claim=account.claim if fair else None,
+            parked=account.parked,
+            total_granted=account.total_granted,
+            total_refunded=account.total_refunded,
+            total_parked=account.total_parked,
+        )
+
+    # -- the accounting ---------------------------------------------------------------------
 
     def _window_at(self, now: float) -> int:
         k = math.floor((now - self.window_start(0)) / self.period)
@@ -135,11 +361,23 @@ class BandwidthScheduler:
             return
         consecutive = window == self._window + 1
         self._window = window
-        for guest in self._guests:
-            guest._roll_over(consecutive)
+        for account in self._accounts:
+            self._roll_over(account, consecutive)
         if self.mode is ShareMode.FAIR:
             self._reserve()
         self._hand_out()
+
+    @staticmethod
+    def _roll_over(account: _Account, consecutive: bool) -> None:
+        # Parked at the refill means it wants more than it got. Otherwise expect it to want what
+        # it took last window: a guest that stopped asking keeps its claim one window at most.
+        if account.parked:
+            account.demand = None
+        else:
+            account.demand = account.used if consecutive and not account.idle else 0
+        account.used = 0
+        account.claim = 0
+        account.refundable.clear()
 
     def _reserve(self) -> None:
         """Water-fill this window's budget into max-min fair claims.
@@ -149,10 +387,10 @@ class BandwidthScheduler:
         """
         assert self.max_bytes is not None
         budget = self.max_bytes
-        lows = [g._used for g in self._guests]
+        lows = [a.used for a in self._accounts]
         highs = [
-            budget if g._demand is None else max(g._used, min(g._demand, budget))
-            for g in self._guests
+            budget if a.demand is None else max(a.used, min(a.demand, budget))
+            for a in self._accounts
         ]
 
         def total(level: int) -> int:
@@ -175,31 +413,36 @@ class BandwidthScheduler:
             if spare and lows[i] <= low < highs[i]:
                 claims[i] += 1
                 spare -= 1
-        for guest, claim in zip(self._guests, claims, strict=True):
-            guest._claim = claim
+        for account, claim in zip(self._accounts, claims, strict=True):
+            account.claim = claim
         self._claims_version += 1
 
-    def _allowance(self, guest: GuestBudget) -> int:
-        """How many bytes `guest` may still take in this window."""
+    def _allowance(self, account: _Account) -> int:
+        """How many bytes the guest of `account` may still take in this window."""
         assert self.max_bytes is not None
         if self.mode is ShareMode.SPLIT:
-            return self._quota - guest._used
+            return self._quota - account.used
         # Everything but what the other guests have taken or still hold a claim on. Grants
         # keep sum(max(claim, used)) <= max_bytes, so each guest can always reach its claim.
-        held = sum(max(g._claim, g._used) for g in self._guests if g is not guest)
-        return self.max_bytes - held - guest._used
+        held = sum(max(a.claim, a.used) for a in self._accounts if a is not account)
+        return self.max_bytes - held - account.used
 
-    def _take(self, guest: GuestBudget, want: int) -> int:
-        """Charge up to `want` bytes to `guest` in this window; returns the amount (maybe 0)."""
-        allowed = self._allowance(guest)
-        if allowed < want and self.mode is ShareMode.FAIR and guest._demand is not None:
+    def _take(self, account: _Account, want: int) -> int:
+        """Charge up to `want` bytes to the guest in this window; returns the amount (maybe 0)."""
+        allowed = self._allowance(account)
+        if allowed < want and self.mode is ShareMode.FAIR and account.demand is not None:
             # It wants more than it was expected to: give it an equal claim on what is left.
-            guest._demand = None
+            account.demand = None
             self._reserve()
-            allowed = self._allowance(guest)
+            allowed = self._allowance(account)
         granted = max(0, min(want, allowed))
-        guest._used += granted
+        account.used += granted
         return granted
+
+    @staticmethod
+    def _record(account: _Account, granted: int) -> None:
+        task = trio.lowlevel.current_task()
+        account.refundable[task] = account.refundable.get(task, 0) + granted
 
     def _hand_out(self) -> None:
         """Serve parked requests in the order they parked, as far as the budget goes."""
@@ -209,7 +452,7 @@ class BandwidthScheduler:
             # the pass can free bytes for a request earlier in it.
             progress = False
             for waiter in list(self._waiters):
-                granted = self._take(waiter.budget, waiter.want)
+                granted = self._take(waiter.account, waiter.want)
                 if granted:
                     waiter.granted, waiter.window = granted, self._window
                     self._unpark(waiter)
@@ -219,76 +462,40 @@ class BandwidthScheduler:
     def _unpark(self, waiter: _Waiter) -> None:
         if waiter in self._waiters:
             del self._waiters[waiter]
-            waiter.budget._parked -= 1
+            waiter.account.parked -= 1
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """A parked request was cancelled: forget it, and give back a grant it never saw."""
-        guest = waiter.budget
+        account = waiter.account
         self._unpark(waiter)
         self._advance()
         if waiter.granted and waiter.window == self._window:
-            guest._used -= waiter.granted
-        if not guest._parked:
+            account.used -= waiter.granted
+        if not account.parked:
             # Parked requests are cancelled when a ring stops or the guest goes away; unless it
             # asks again, it should not keep a claim on the next windows.
-            guest._idle = True
+            account.idle = True
             if self.mode is ShareMode.FAIR:
-                guest._demand = 0
+                account.demand = 0
                 self._reserve()
         self._hand_out()
 
 
 class GuestBudget:
-    """One guest's (socket's) view of the scheduler; its vrings' tasks share it."""
+    """One guest's (socket's) handle on the scheduler; its vrings' tasks share it."""
+
+    __slots__ = ("_scheduler", "index")
 
     def __init__(self, scheduler: BandwidthScheduler, index: int) -> None:
         self.index = index
         self._scheduler = scheduler
-        self._used = 0  # bytes charged to this guest in the current window
-        self._parked = 0  # requests of this guest waiting in the scheduler's queue
-        self._demand: int | None = 0  # fair mode: expected demand this window, None = unlimited
-        self._claim = 0  # fair mode: bytes reserved for this guest this window
-        self._idle = False  # its parked requests were cancelled and it has not asked since
-        # What each task was granted this window and may still refund. Keyed by task so that a
-        # vring's late refund of an old window's grant is not credited to another's new one.
-        self._refundable: dict[trio.lowlevel.Task, int] = {}
-
-    def _roll_over(self, consecutive: bool) -> None:
-        # Parked at the refill means it wants more than it got. Otherwise expect it to want what
-        # it took last window: a guest that stopped asking keeps its claim one window at most.
-        if self._parked:
-            self._demand = None
-        else:
-            self._demand = self._used if consecutive and not self._idle else 0
-        self._used = 0
-        self._claim = 0
-        self._refundable.clear()
-
-    def _record(self, granted: int) -> None:
-        task = trio.lowlevel.current_task()
-        self._refundable[task] = self._refundable.get(task, 0) + granted
 
     def try_acquire(self, want: int) -> int:
         """Grant up to `want` bytes without waiting; 0 if this guest may take nothing now.
 
         Returns 0 while other requests of this guest are parked, so none jumps their queue.
         """
-        if want < 1:
-            raise ValueError(f"want must be at least 1, not {want}")
-        scheduler = self._scheduler
-        if scheduler.max_bytes is None:
-            return want
-        scheduler._advance()
-        self._idle = False
-        if self._parked:
-            return 0
-        version = scheduler._claims_version
-        granted = scheduler._take(self, want)
-        if scheduler._claims_version != version:
-            scheduler._hand_out()  # new claims may let another guest's parked request through
-        if granted:
-            self._record(granted)
-        return granted
+        return self._scheduler.try_acquire(self.index, want)
 
     async def acquire(self, want: int) -> int:
         """Grant between 1 and `want` bytes, parking until a refill if nothing is left.
@@ -297,31 +504,7 @@ class GuestBudget:
         cancelled while parked takes nothing (a grant it was handed but never saw goes back).
         A checkpoint, as trio's own primitives are.
         """
-        if want < 1:
-            raise ValueError(f"want must be at least 1, not {want}")
-        scheduler = self._scheduler
-        if scheduler.max_bytes is None:
-            await trio.lowlevel.checkpoint()
-            return want
-        await trio.lowlevel.checkpoint_if_cancelled()
-        granted = self.try_acquire(want)
-        if granted:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return granted
-        waiter = _Waiter(self, want)
-        scheduler._waiters[waiter] = None
-        self._parked += 1
-        try:
-            while not waiter.granted:
-                with trio.move_on_at(scheduler.window_start(scheduler._window + 1)):
-                    await waiter.event.wait()
-                scheduler._advance()
-        except BaseException:
-            scheduler._withdraw(waiter)
-            raise
-        if waiter.window == scheduler._window:
-            self._record(waiter.granted)
-        return waiter.granted
+        return await self._scheduler.acquire(self.index, want)
 
     def window_end(self) -> float:
         """trio time at which grants made now stop counting (math.inf when unlimited)."""
@@ -337,15 +520,13 @@ class GuestBudget:
         Only what the calling task was granted in the current window can come back: a window
         that is over stays charged, so its total is never exceeded.
         """
-        if unused < 0:
-            raise ValueError(f"cannot refund a negative amount ({unused})")
-        scheduler = self._scheduler
-        if scheduler.max_bytes is None or unused == 0:
-            return
-        scheduler._advance()
-        task = trio.lowlevel.current_task()
-        credit = min(unused, self._refundable.get(task, 0))
-        if credit:
-            self._refundable[task] -= credit
-            self._used -= credit
-            scheduler._hand_out()
+        self._scheduler.refund(self.index, unused)
+
+    def window_end(self) -> float:
+        """trio time until which bytes granted now count against the current window (see
+        `BandwidthScheduler.window_end`); math.inf when unlimited."""
+        return self._scheduler.window_end()
+
+    def statistics(self) -> GuestStatistics:
+        """This guest's part of `BandwidthScheduler.statistics()`."""
+        return self._scheduler.statistics().guests[self.index]

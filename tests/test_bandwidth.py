@@ -5,6 +5,7 @@ and the `rngd.testing` front-end."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -422,6 +423,189 @@ async def test_refill_is_not_grabbed_by_the_first_to_wake(
     assert second == [(g, 1.0, 250) for g in range(4)]
 
 
+# -- statistics -------------------------------------------------------------------------------
+
+
+async def test_statistics_follow_grants_parking_and_the_refill(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sched = BandwidthScheduler(100, PERIOD, 2)
+    first, second = sched.guest(0), sched.guest(1)
+    stats = sched.statistics()
+    assert (stats.max_bytes, stats.period, stats.mode) == (100, PERIOD, ShareMode.SPLIT)
+    assert (stats.window, stats.granted, stats.parked, stats.total_granted) == (0, 0, 0, 0)
+    assert [g.index for g in stats.guests] == [0, 1]
+    assert await first.acquire(30) == 30
+    assert first.try_acquire(40) == 20  # its share is 50
+    assert second.try_acquire(10) == 10
+    stats = sched.statistics()
+    assert (stats.granted, stats.total_granted) == (60, 60)
+    assert [(g.granted, g.claim, g.total_granted) for g in stats.guests] == [
+        (50, None, 50),
+        (10, None, 10),
+    ]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first.acquire, 5)
+        nursery.start_soon(first.acquire, 7)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = sched.statistics()
+        assert (stats.parked, stats.total_parked) == (2, 2)
+        assert [(g.parked, g.total_parked) for g in stats.guests] == [(2, 2), (0, 0)]
+        assert first.statistics() == stats.guests[0]
+    assert trio.current_time() == 1.0
+    stats = sched.statistics()
+    assert (stats.window, stats.granted, stats.parked, stats.total_parked) == (1, 12, 0, 2)
+    assert [(g.granted, g.total_granted) for g in stats.guests] == [(12, 62), (0, 10)]
+    # The split scheduler has nothing left for guest 0 this window, whatever guest 1 does.
+    assert first.try_acquire(100) == 38
+    assert sched.statistics().granted == 50
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.granted = 0  # type: ignore[misc]
+
+
+async def test_statistics_roll_over_without_any_other_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sched = BandwidthScheduler(100, PERIOD, 1)
+    assert await sched.guest(0).acquire(70) == 70
+    await trio.sleep(2.5)
+    stats = sched.statistics()
+    assert (stats.window, stats.granted, stats.total_granted) == (2, 0, 70)
+
+
+async def test_statistics_count_refunds_credited_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sched = BandwidthScheduler(100, PERIOD, 1)
+    budget = sched.guest(0)
+    assert await budget.acquire(100) == 100
+    budget.refund(30)
+    budget.refund(1000)  # only the 70 this task still holds in this window come back
+    stats = budget.statistics()
+    assert (stats.granted, stats.total_granted, stats.total_refunded) == (0, 100, 100)
+    assert await budget.acquire(60) == 60
+    await trio.sleep(PERIOD)
+    budget.refund(60)  # too late: window 0 stays charged, and the refund is not counted
+    stats = budget.statistics()
+    assert (stats.granted, stats.total_granted, stats.total_refunded) == (0, 160, 100)
+
+
+async def test_statistics_do_not_count_a_grant_withdrawn_from_a_cancelled_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sched = BandwidthScheduler(100, PERIOD, 1)
+    budget = sched.guest(0)
+    assert await budget.acquire(100) == 100
+    first, second = trio.CancelScope(), trio.CancelScope()
+
+    async def request(scope: trio.CancelScope) -> None:
+        with scope:
+            await budget.acquire(40)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(request, second)
+        await trio.testing.wait_all_tasks_blocked()
+        first.cancel()
+        budget.refund(30)  # handed to the cancelled request, which gives it to the second
+    stats = sched.statistics()
+    assert (stats.granted, stats.parked, stats.total_parked) == (100, 0, 2)
+    assert (stats.total_granted, stats.total_refunded) == (130, 30)
+
+
+async def test_statistics_show_the_fair_claims(autojump_clock: trio.testing.MockClock) -> None:
+    sched = BandwidthScheduler(1000, PERIOD, 3, ShareMode.FAIR)
+    assert sched.guest(0).try_acquire(1000) == 1000
+    assert [g.claim for g in sched.statistics().guests] == [0, 0, 0]  # first come, first served
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sched.guest(0).acquire, 1)
+        nursery.start_soon(sched.guest(1).acquire, 1)
+    stats = sched.statistics()
+    # Both were parked at the refill; guest 2 wanted nothing and claims nothing.
+    assert stats.window == 1
+    assert [(g.claim, g.granted) for g in stats.guests] == [(500, 1), (500, 1), (0, 0)]
+    assert [g.total_parked for g in stats.guests] == [1, 1, 0]
+
+
+async def test_statistics_when_unlimited(autojump_clock: trio.testing.MockClock) -> None:
+    sched = BandwidthScheduler(None, PERIOD, 2, ShareMode.FAIR)
+    budget = sched.guest(1)
+    assert await budget.acquire(4096) == 4096
+    assert budget.try_acquire(100) == 100
+    budget.refund(96)
+    await trio.sleep(3.5)
+    stats = sched.statistics()
+    assert (stats.max_bytes, stats.window, stats.granted, stats.parked) == (None, 0, 0, 0)
+    assert (stats.total_granted, stats.total_refunded, stats.total_parked) == (4196, 96, 0)
+    assert [g.claim for g in stats.guests] == [None, None]
+    assert stats.guests[0].total_granted == 0
+
+
+def test_statistics_outside_trio() -> None:
+    sched = BandwidthScheduler(100, PERIOD, 2)
+    stats = sched.statistics()  # no clock yet: the state as it stands, windows not started
+    assert (stats.window, stats.granted, stats.total_granted) == (0, 0, 0)
+
+    async def main() -> None:
+        await trio.sleep(0.5)
+        assert sched.guest(1).try_acquire(80) == 50
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    stats = sched.statistics()  # trio.run is over: the last state it left
+    assert (stats.window, stats.granted, stats.total_granted) == (0, 50, 50)
+
+
+# -- window_end -------------------------------------------------------------------------------
+
+
+async def test_window_end_is_when_a_grant_stops_counting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    await trio.sleep(0.3)
+    sched = BandwidthScheduler(100, PERIOD, 1)
+    budget = sched.guest(0)
+    assert budget.window_end() == sched.window_start(1) == 1.3
+    await trio.sleep_until(2.9)
+    assert budget.try_acquire(100) == 100
+    end = budget.window_end()
+    assert end == sched.window_start(3) == 3.3
+    # A holder of the grant (a worker thread) may use it until `end`, not after: there the
+    # grant stops counting against its window, and the next window's budget is whole.
+    await trio.sleep_until(end)
+    assert budget.window_end() == 4.3
+    budget.refund(100)
+    assert budget.statistics().total_refunded == 0
+    assert budget.try_acquire(1000) == 100
+
+
+async def test_window_end_is_exactly_the_next_window_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    period = 0.1  # not a binary fraction: the end must be window_start's, not a recomputation
+    sched = BandwidthScheduler(1000, period, 2)
+    for k in range(0, 50, 7):
+        await trio.sleep_until(sched.window_start(k))
+        assert sched.guest(k % 2).window_end() == sched.window_start(k + 1)
+        assert sched.statistics().window == k
+
+
+def test_window_end_starts_the_windows_of_a_scheduler_made_outside_trio() -> None:
+    sched = BandwidthScheduler(100, PERIOD, 1)
+
+    async def main() -> float:
+        await trio.sleep(5.5)
+        return sched.guest(0).window_end()
+
+    assert trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) == 6.5
+    assert sched.epoch == 5.5
+
+
+async def test_window_end_when_unlimited(autojump_clock: trio.testing.MockClock) -> None:
+    sched = BandwidthScheduler(None, PERIOD, 1)
+    assert sched.guest(0).window_end() == sched.window_end() == math.inf
+
+
 # -- configuration ----------------------------------------------------------------------------
 
 
@@ -535,6 +719,10 @@ def test_no_window_ever_exceeds_the_budget(
     sched = BandwidthScheduler(max_bytes, period, guests, mode)
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert sched.epoch is not None or not log
+    stats = sched.statistics()
+    assert stats.total_granted == sum(n for _, _, n in log if n > 0)
+    assert stats.total_refunded == -sum(n for _, _, n in log if n < 0)
+    assert stats.granted <= max_bytes and stats.parked == 0
     for w, per_guest in tally(log, sched.epoch or 0.0, period).items():
         assert sum(per_guest.values()) <= max_bytes, w
         if mode is ShareMode.SPLIT:
