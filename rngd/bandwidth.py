@@ -506,14 +506,6 @@ class GuestBudget:
         """
         return await self._scheduler.acquire(self.index, want)
 
-    def window_end(self) -> float:
-        """trio time at which grants made now stop counting (math.inf when unlimited)."""
-        scheduler = self._scheduler
-        if scheduler.max_bytes is None:
-            return math.inf
-        scheduler._advance()
-        return scheduler.window_start(scheduler._window + 1)
-
     def refund(self, unused: int) -> None:
         """Give back bytes of a grant the source did not fill (short read, EOF, cancellation).
 
