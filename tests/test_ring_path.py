@@ -12,7 +12,7 @@ import threading
 
 import trio
 
-from rngd.testing import Frontend, daemon_in_process, daemon_process
+from rngd.testing import Frontend, Used, daemon_in_process, daemon_process
 
 STEP = 5.0
 
@@ -46,7 +46,8 @@ async def test_a_full_ring_is_one_read_and_one_interrupt(workdir: str) -> None:
             queue.post(64, publish=False)
         queue.publish()
         queue.kick(force=True)
-        done, calls = [], 0
+        done: list[Used] = []
+        calls = 0
         with trio.fail_after(STEP):
             while len(done) < 200:
                 await trio.lowlevel.wait_readable(call)
