@@ -79,6 +79,7 @@ def qemu_command(
     append: str | None = None,
     drives: Sequence[str] = (),
     sockets: Sequence[Path] = (),
+    builtin_rng: str | None = None,
     memory: str = DEFAULT_MEMORY,
     smp: int = 1,
     serial: str = "stdio",
@@ -89,7 +90,9 @@ def qemu_command(
 
     vhost-user needs the guest's RAM in a file descriptor it can pass to the backend, hence the
     shared memfd backend. `drives` are raw image files, or full `-drive` option strings when
-    they contain `=`.
+    they contain `=`. `builtin_rng` adds QEMU's own virtio-rng-pci device reading that file
+    (`rng-random`), without a rate limit (the same memory backend, so that only the device
+    differs from a vhost-user guest).
     """
     cmd = [qemu, "-nodefaults", "-no-user-config", "-display", "none"]
     if name:
@@ -109,6 +112,15 @@ def qemu_command(
             f"socket,id=rng{index},path={path}",
             "-device",
             f"vhost-user-rng-pci,chardev=rng{index}",
+        ]
+    if builtin_rng is not None:
+        # max-bytes defaults to INT64_MAX per 65536 ms already; spelled out so that the command
+        # line shows there is no limit.
+        cmd += [
+            "-object",
+            f"rng-random,id=builtin-rng,filename={builtin_rng}",
+            "-device",
+            f"virtio-rng-pci,rng=builtin-rng,max-bytes={2**63 - 1},period=65536",
         ]
     for drive in drives:
         spec = drive if "=" in drive else f"file={drive},format=raw,if=virtio"
@@ -365,19 +377,25 @@ class RngdOptions:
 
 
 class Rngd:
-    """A running `python -m rngd`, in its own process group, its log in a file."""
+    """A running `python -m rngd`, in its own process group, its log in a file.
+
+    `program` runs another back-end with the same command line instead (vhost-device-rng:
+    give `options` no filename and `-f FILE` in `extra`, as it has no `--filename`).
+    """
 
     def __init__(
         self,
         options: RngdOptions,
         *,
         python: str = sys.executable,
+        program: Sequence[str] | None = None,
         log_path: Path | None = None,
         announce: Callable[[str], None] | None = None,
     ) -> None:
         self.options = options
         self.sockets = socket_paths(options.socket_path, options.socket_count)
-        self.cmd = [python, "-m", "rngd", *options.args()]
+        prefix = list(program) if program is not None else [python, "-m", "rngd"]
+        self.cmd = [*prefix, *options.args()]
         if announce is not None:
             announce(shlex.join(self.cmd))
         if log_path is None:
