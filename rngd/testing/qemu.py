@@ -9,7 +9,7 @@ Pieces:
 - `qemu_command`: the command line that wires a guest to a vhost-user socket.
 - `QemuGuest`: one running QEMU with its console captured line by line.
 - `Rngd`: one running daemon (`python -m rngd`) with its sockets.
-- `main`: the `rngd-qemu` helper.
+- `main`: the `rngd-qemu` helper (`rngd-qemu compare` is in rngd/testing/guest_bench.py).
 """
 
 from __future__ import annotations
@@ -468,6 +468,8 @@ def _parser() -> argparse.ArgumentParser:
         "one already running with --socket), then one QEMU per guest, each with a "
         "vhost-user-rng-pci device on its own socket. By default the guest is the built-in test "
         "guest, which reads /dev/hwrng, prints an RNGTEST line and powers off.",
+        epilog="`rngd-qemu compare --help`: a real guest's throughput through rngd, QEMU's "
+        "built-in virtio-rng and other back-ends, interleaved over rounds.",
     )
     daemon = parser.add_argument_group("rngd (ignored with --socket)")
     daemon.add_argument("-s", "--socket-path", type=Path, help="default: in a temporary folder")
@@ -509,6 +511,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        from rngd.testing import guest_bench  # it imports this module
+
+        return guest_bench.main(argv[1:])
     args = _parser().parse_args(argv)
 
     def say(message: str) -> None:
