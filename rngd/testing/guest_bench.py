@@ -75,8 +75,10 @@ class Backend:
 
     name: str
     #: The program and its first arguments, before `--socket-path P --socket-count 1 -f FILE`;
-    #: None for QEMU's built-in device. rngd is `python -m rngd` (from this checkout).
+    #: None for QEMU's built-in device.
     program: tuple[str, ...] | None
+    #: `program` is `python -m rngd` of this checkout (run with it on PYTHONPATH).
+    this_rngd: bool = False
 
     @property
     def builtin(self) -> bool:
@@ -256,7 +258,7 @@ class Bench:
                 daemon = Rngd(
                     options,
                     python=self.python,
-                    program=backend.program,
+                    program=None if backend.this_rngd else backend.program,
                     log_path=self.log_dir / f"{tag}.log" if self.log_dir else None,
                     announce=lambda c: self.say(f"+ {c}"),
                 )
@@ -442,7 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.access(args.source, os.R_OK):
         say(f"error: cannot read {args.source}")
         return 2
-    backends = [Backend(BUILTIN, None), Backend(RNGD, (args.python, "-m", "rngd"))]
+    backends = [
+        Backend(BUILTIN, None),
+        Backend(RNGD, (args.python, "-m", "rngd"), this_rngd=True),
+    ]
     try:
         taken = {b.name for b in backends}
         backends += [against_backend(spec, taken) for spec in args.against]

@@ -402,10 +402,12 @@ class Rngd:
             self._log_file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         else:
             self._log_file = open(log_path, "w+b")  # noqa: SIM115
-        # Run this very rngd (a checkout need not be installed into `python`).
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        if program is None:
+            # Run this very rngd (a checkout need not be installed into `python`); another
+            # program, perhaps another checkout's `python -m rngd`, runs as it is.
+            package_root = str(Path(__file__).resolve().parents[2])
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             self.cmd,
             env=env,
