@@ -276,4 +276,6 @@ def test_compare_rngd_with_builtin(
     builtin = next(run for run in runs if run["backend"] == "built-in")
     assert builtin["backend_cpu_seconds"] is None  # the built-in device's work is QEMU's
     assert "| built-in | " in out and "| rngd | " in out, out
+    for log in (workdir / "logs").glob("*-rngd.log"):
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     print(out)
