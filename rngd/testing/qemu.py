@@ -396,6 +396,8 @@ class Rngd:
         self.sockets = socket_paths(options.socket_path, options.socket_count)
         prefix = list(program) if program is not None else [python, "-m", "rngd"]
         self.cmd = [*prefix, *options.args()]
+        #: What error messages call it.
+        self.label = Path(program[0]).name if program else "rngd"
         if announce is not None:
             announce(shlex.join(self.cmd))
         if log_path is None:
@@ -427,9 +429,11 @@ class Rngd:
         deadline = time.monotonic() + timeout
         while not all(path.is_socket() for path in self.sockets):
             if self.proc.poll() is not None:
-                raise QemuError(f"rngd exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+                raise QemuError(
+                    f"{self.label} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                raise QemuError(f"rngd did not create {self.sockets} in {timeout:.0f} s")
+                raise QemuError(f"{self.label} did not create {self.sockets} in {timeout:.0f} s")
             time.sleep(0.05)
 
     def __enter__(self) -> Rngd:
