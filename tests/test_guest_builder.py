@@ -116,6 +116,11 @@ def test_parse_report() -> None:
     assert failed is not None and not failed.ok
     start = parse_report("RNGTEST-START boot=1 current=virtio_rng.0 bytes=5")
     assert start is not None and start.kind == "RNGTEST-START" and not start.ok
+    counted = parse_report("RNGTEST boot=1 current=virtio_rng.0 bytes=4096 seconds=0.010203")
+    assert counted is not None and counted.ok and counted.sha256 == ""  # rngtest.hash=0
+    assert counted.seconds == pytest.approx(0.010203)
+    short = parse_report("RNGTEST boot=1 current=virtio_rng.0 bytes=9 seconds=1.0 error=x")
+    assert short is not None and not short.ok
     assert parse_report("[    2.40] reboot: Power down") is None
 
 

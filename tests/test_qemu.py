@@ -10,6 +10,7 @@ Without QEMU these tests skip, except under CI (CI=true), where they fail: CI mu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from rngd.testing.qemu import (
     RngdOptions,
     choose_accel,
     find_qemu,
+    main,
     qemu_command,
 )
 
@@ -248,3 +250,32 @@ def test_new_qemu_after_sigkill_mid_read(start_rngd: StartRngd, boot: Boot) -> N
     report = _report(vm)
     _powered_off(vm)
     assert report.nbytes == READ_BYTES
+
+
+def test_compare_rngd_with_builtin(
+    qemu: str, accel: str, guest: TestGuest, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rngd-qemu compare`, briefly: one round, rngd and QEMU's built-in device. Figures only
+    have to exist and be positive; how they compare is for the benchmark, not a test."""
+    nbytes = 64 * 1024
+    result = workdir / "compare.json"
+    argv = ["compare", "--bytes", str(nbytes), "--rounds", "1", "--qemu", qemu, "--accel", accel]
+    status = main([*argv, "--json", str(result), "--log-dir", str(workdir / "logs")])
+    out, err = capsys.readouterr()
+    assert status == 0, err[-3000:]
+
+    runs = json.loads(result.read_text())["runs"]
+    assert sorted(run["backend"] for run in runs) == ["built-in", "rngd"]
+    for run in runs:
+        assert run["nbytes"] == nbytes, run
+        assert run["current"].startswith("virtio_rng"), run
+        assert run["guest_seconds"] > 0 and run["bytes_per_second"] > 0, run
+        assert run["qemu_cpu_read_seconds"] > 0, run
+    rngd = next(run for run in runs if run["backend"] == "rngd")
+    assert rngd["backend_cpu_seconds"] >= rngd["backend_cpu_read_seconds"] > 0, rngd
+    builtin = next(run for run in runs if run["backend"] == "built-in")
+    assert builtin["backend_cpu_seconds"] is None  # the built-in device's work is QEMU's
+    assert "| built-in | " in out and "| rngd | " in out, out
+    for log in (workdir / "logs").glob("*-rngd.log"):
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    print(out)

@@ -9,7 +9,7 @@ Pieces:
 - `qemu_command`: the command line that wires a guest to a vhost-user socket.
 - `QemuGuest`: one running QEMU with its console captured line by line.
 - `Rngd`: one running daemon (`python -m rngd`) with its sockets.
-- `main`: the `rngd-qemu` helper.
+- `main`: the `rngd-qemu` helper (`rngd-qemu compare` is in rngd/testing/guest_bench.py).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def qemu_command(
     append: str | None = None,
     drives: Sequence[str] = (),
     sockets: Sequence[Path] = (),
+    builtin_rng: str | None = None,
     memory: str = DEFAULT_MEMORY,
     smp: int = 1,
     serial: str = "stdio",
@@ -89,7 +90,9 @@ def qemu_command(
 
     vhost-user needs the guest's RAM in a file descriptor it can pass to the backend, hence the
     shared memfd backend. `drives` are raw image files, or full `-drive` option strings when
-    they contain `=`.
+    they contain `=`. `builtin_rng` adds QEMU's own virtio-rng-pci device reading that file
+    (`rng-random`), without a rate limit (the same memory backend, so that only the device
+    differs from a vhost-user guest).
     """
     cmd = [qemu, "-nodefaults", "-no-user-config", "-display", "none"]
     if name:
@@ -109,6 +112,15 @@ def qemu_command(
             f"socket,id=rng{index},path={path}",
             "-device",
             f"vhost-user-rng-pci,chardev=rng{index}",
+        ]
+    if builtin_rng is not None:
+        # max-bytes defaults to INT64_MAX per 65536 ms already; spelled out so that the command
+        # line shows there is no limit.
+        cmd += [
+            "-object",
+            f"rng-random,id=builtin-rng,filename={builtin_rng}",
+            "-device",
+            f"virtio-rng-pci,rng=builtin-rng,max-bytes={2**63 - 1},period=65536",
         ]
     for drive in drives:
         spec = drive if "=" in drive else f"file={drive},format=raw,if=virtio"
@@ -365,29 +377,39 @@ class RngdOptions:
 
 
 class Rngd:
-    """A running `python -m rngd`, in its own process group, its log in a file."""
+    """A running `python -m rngd`, in its own process group, its log in a file.
+
+    `program` runs another back-end with the same command line instead (vhost-device-rng:
+    give `options` no filename and `-f FILE` in `extra`, as it has no `--filename`).
+    """
 
     def __init__(
         self,
         options: RngdOptions,
         *,
         python: str = sys.executable,
+        program: Sequence[str] | None = None,
         log_path: Path | None = None,
         announce: Callable[[str], None] | None = None,
     ) -> None:
         self.options = options
         self.sockets = socket_paths(options.socket_path, options.socket_count)
-        self.cmd = [python, "-m", "rngd", *options.args()]
+        prefix = list(program) if program is not None else [python, "-m", "rngd"]
+        self.cmd = [*prefix, *options.args()]
+        #: What error messages call it.
+        self.label = Path(program[0]).name if program else "rngd"
         if announce is not None:
             announce(shlex.join(self.cmd))
         if log_path is None:
             self._log_file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         else:
             self._log_file = open(log_path, "w+b")  # noqa: SIM115
-        # Run this very rngd (a checkout need not be installed into `python`).
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        if program is None:
+            # Run this very rngd (a checkout need not be installed into `python`); another
+            # program, perhaps another checkout's `python -m rngd`, runs as it is.
+            package_root = str(Path(__file__).resolve().parents[2])
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             self.cmd,
             env=env,
@@ -407,9 +429,11 @@ class Rngd:
         deadline = time.monotonic() + timeout
         while not all(path.is_socket() for path in self.sockets):
             if self.proc.poll() is not None:
-                raise QemuError(f"rngd exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+                raise QemuError(
+                    f"{self.label} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                raise QemuError(f"rngd did not create {self.sockets} in {timeout:.0f} s")
+                raise QemuError(f"{self.label} did not create {self.sockets} in {timeout:.0f} s")
             time.sleep(0.05)
 
     def __enter__(self) -> Rngd:
@@ -450,6 +474,8 @@ def _parser() -> argparse.ArgumentParser:
         "one already running with --socket), then one QEMU per guest, each with a "
         "vhost-user-rng-pci device on its own socket. By default the guest is the built-in test "
         "guest, which reads /dev/hwrng, prints an RNGTEST line and powers off.",
+        epilog="`rngd-qemu compare --help`: a real guest's throughput through rngd, QEMU's "
+        "built-in virtio-rng and other back-ends, interleaved over rounds.",
     )
     daemon = parser.add_argument_group("rngd (ignored with --socket)")
     daemon.add_argument("-s", "--socket-path", type=Path, help="default: in a temporary folder")
@@ -491,6 +517,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        from rngd.testing import guest_bench  # it imports this module
+
+        return guest_bench.main(argv[1:])
     args = _parser().parse_args(argv)
 
     def say(message: str) -> None:
