@@ -237,9 +237,11 @@ class VringWorker:
             if segments is None:
                 takes.append(0)
                 continue
-            if credit == 0 or len(iov) + len(segments) > _IOV_MAX:
+            room = _IOV_MAX - len(iov)
+            if credit == 0 or (len(segments) > room and iov):
                 break
-            laid = lay_out(segments, min(credit, MAX_REQUEST_BYTES), iov)
+            # A chain longer than readv takes is filled as far as its first buffers go.
+            laid = lay_out(segments[:room], min(credit, MAX_REQUEST_BYTES), iov)
             credit -= laid
             takes.append(laid)
         # 4. One read for all of them, then the used elements in order.

@@ -154,3 +154,17 @@ async def test_a_reused_descriptor_pointing_elsewhere_is_filled_where_it_points(
             written = vmm.memory.read(gpa, 64)
             assert written[length:] == b"\xa5" * (64 - length)
             assert written[:length] != b"\xa5" * length
+
+
+async def test_a_chain_longer_than_readv_takes_is_filled_in_part(socks: list[str]) -> None:
+    """A chain of 1500 one-byte buffers (a queue of 2048 allows it) is more than one readv
+    takes (1024 buffers): its first 1024 buffers are filled and the request completed with
+    that count, rather than the ring waiting forever for room that never comes."""
+    async with await Frontend.connect(socks[0]) as vmm:
+        queue = await vmm.start_qemu72(2048)
+        queue.post([1] * 1500)
+        queue.kick(force=True)
+        with trio.fail_after(STEP):
+            (used,) = await queue.wait_used()
+        assert used.len == 1024
+        assert len(await queue.read_random(64)) == 64  # and the ring goes on
