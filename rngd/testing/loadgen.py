@@ -127,6 +127,9 @@ class Window:
     seconds: float
     #: CPU time of the measured process (the daemon, or the raw reader itself) in the window.
     cpu_ns: int | None
+    #: CPU time of the guest process itself in the window: it must stay well below the
+    #: daemon's for the daemon to be what is measured.
+    guest_cpu_ns: int | None = None
     latencies_ns: list[int] = field(default_factory=list)
 
 
@@ -228,6 +231,7 @@ class FastRing:
         clock = time.monotonic_ns
         requests = nbytes = 0
         cpu0 = None if pid is None else cpu_sample(pid)
+        own0 = time.process_time_ns()
         t0 = clock()
         slot = self._avail_idx & mask
         first = min(size, size - slot)
@@ -266,9 +270,10 @@ class FastRing:
                 break
             self._publish((self._avail_idx + count) & 0xFFFF)
         t1 = clock()
+        own = time.process_time_ns() - own0
         cpu = None if pid is None or cpu0 is None else cpu_ns_between(cpu0, cpu_sample(pid))
         self.drain()
-        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu)
+        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own)
 
     def run_single(self, until_ns: int, pid: int | None) -> Window:
         """One request in flight, as the Linux driver: post, kick, wait for the call, repeat."""
@@ -280,6 +285,7 @@ class FastRing:
         requests = nbytes = 0
         seen = self._seen
         cpu0 = None if pid is None else cpu_sample(pid)
+        own0 = time.process_time_ns()
         t0 = clock()
         while (posted := clock()) < until_ns:
             # One in flight and it came back: every descriptor is free.
@@ -298,8 +304,9 @@ class FastRing:
             seen = (seen + 1) & 0xFFFF
             self._seen = seen
         t1 = clock()
+        own = time.process_time_ns() - own0
         cpu = None if pid is None or cpu0 is None else cpu_ns_between(cpu0, cpu_sample(pid))
-        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, latencies.tolist())
+        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own, latencies.tolist())
 
 
 # -- the guest process ----------------------------------------------------------------------
