@@ -130,6 +130,9 @@ class Window:
     #: CPU time of the guest process itself in the window: it must stay well below the
     #: daemon's for the daemon to be what is measured.
     guest_cpu_ns: int | None = None
+    #: Kicks the guest sent and times it slept for a call: what notification suppression saved.
+    kicks: int = 0
+    waits: int = 0
     latencies_ns: list[int] = field(default_factory=list)
 
 
@@ -170,6 +173,7 @@ class FastRing:
         self._call_fds = (queue.call_fd, queue.masked_call_fd)
         for fd in self._call_fds:
             self._poll.register(fd, select.POLLIN)
+        self._heads = array.array("H", range(size))
         self.kicks = 0
         self.waits = 0
 
@@ -232,12 +236,13 @@ class FastRing:
         requests = nbytes = 0
         cpu0 = None if pid is None else cpu_sample(pid)
         own0 = time.process_time_ns()
+        kicks0, waits0 = self.kicks, self.waits
         t0 = clock()
+        # The ring is idle and every descriptor free: offer them all.
         slot = self._avail_idx & mask
-        first = min(size, size - slot)
-        heads = array.array("H", range(size))
-        avail[2 + slot : 2 + slot + first] = heads[:first]
-        avail[2 : 2 + size - first] = heads[first:]
+        first = size - slot
+        avail[2 + slot : 2 + size] = self._heads[:first]
+        avail[2 : 2 + slot] = self._heads[first:]
         self._publish((self._avail_idx + size) & 0xFFFF)
         seen = self._seen
         while True:
@@ -272,8 +277,9 @@ class FastRing:
         t1 = clock()
         own = time.process_time_ns() - own0
         cpu = None if pid is None or cpu0 is None else cpu_ns_between(cpu0, cpu_sample(pid))
+        kicks, waits = self.kicks - kicks0, self.waits - waits0
         self.drain()
-        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own)
+        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own, kicks, waits)
 
     def run_single(self, until_ns: int, pid: int | None) -> Window:
         """One request in flight, as the Linux driver: post, kick, wait for the call, repeat."""
@@ -286,6 +292,7 @@ class FastRing:
         seen = self._seen
         cpu0 = None if pid is None else cpu_sample(pid)
         own0 = time.process_time_ns()
+        kicks0, waits0 = self.kicks, self.waits
         t0 = clock()
         while (posted := clock()) < until_ns:
             # One in flight and it came back: every descriptor is free.
@@ -306,7 +313,8 @@ class FastRing:
         t1 = clock()
         own = time.process_time_ns() - own0
         cpu = None if pid is None or cpu0 is None else cpu_ns_between(cpu0, cpu_sample(pid))
-        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own, latencies.tolist())
+        kicks, waits = self.kicks - kicks0, self.waits - waits0
+        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own, kicks, waits, latencies.tolist())
 
 
 # -- the guest process ----------------------------------------------------------------------
