@@ -15,6 +15,8 @@ driver (the guest: a split virtqueue in guest memory)::
 Pieces: `GuestMemory` (memfd regions, allocator, gpa/uva), `DriverQueue` (the guest's side
 of a split ring, with a raw API for hostile-guest tests), `Frontend` (one vhost-user
 connection), `daemon_process` / `daemon_in_process` (a back-end to talk to).
+`rngd.testing.loadgen`, not imported here, runs a guest in a process of its own
+(``python -m rngd.testing.loadgen``) fast enough to load a back-end; `scripts/bench` uses it.
 """
 
 from rngd.testing.daemons import (

@@ -190,6 +190,13 @@ class GuestMemory:
                 return region, gpa - region.spec.guest_phys_addr
         raise GuestMemoryError(f"gpa span {gpa:#x}+{size} is not inside one region")
 
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A writable view of ``size`` bytes at ``gpa`` (one region). Release it before
+        `close`: an exported view keeps the mapping from being closed."""
+        region, offset = self._locate(gpa, size)
+        start = region.spec.mmap_offset + offset
+        return memoryview(region._map)[start : start + size]
+
     def read(self, gpa: int, size: int) -> bytes:
         region, offset = self._locate(gpa, size)
         start = region.spec.mmap_offset + offset
