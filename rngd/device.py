@@ -160,9 +160,8 @@ class VringWorker:
         signalled, and requests may have been posted before the ring was started.
         """
         self._stop_fd = stop_fd
-        kick = self.kick_fd
         poller = select.poll()
-        poller.register(kick, select.POLLIN)
+        poller.register(self.kick_fd, select.POLLIN)
         poller.register(stop_fd, select.POLLIN)
         try:
             while not self.stopping:
@@ -172,13 +171,6 @@ class VringWorker:
                         return
                     if events & _POLL_TROUBLE:
                         raise EventfdError(f"kick fd reports poll events {events:#x}")
-                try:
-                    if not os.read(kick, 8):
-                        raise EventfdError("kick fd is at end of file")
-                except BlockingIOError:
-                    pass  # a spurious wake-up: drain finds nothing and we wait again
-                except OSError as exc:
-                    raise EventfdError(f"reading the kick fd failed: {exc.strerror}") from exc
         except _Stopped:
             return
         finally:
@@ -188,7 +180,8 @@ class VringWorker:
                 self.flush()
 
     def drain(self) -> None:
-        """Serve every available request, then re-arm notifications and signal the guest."""
+        """Serve every available request, signal the guest, re-arm notifications, and only
+        then reset the kick eventfd: the guest waits for its interrupt, not for that."""
         queue = self.queue
         while True:
             pending = queue.pending()
@@ -200,8 +193,21 @@ class VringWorker:
             interrupt, more = queue.end_batch()
             if interrupt:
                 self.call.signal()
-            if not more:
+            if more:
+                continue
+            self._reset_kick()
+            # A request posted after end_batch's look may have kicked the counter just reset.
+            if not queue.pending():
                 return
+
+    def _reset_kick(self) -> None:
+        try:
+            if not os.read(self.kick_fd, 8):
+                raise EventfdError("kick fd is at end of file")
+        except BlockingIOError:
+            pass  # nothing kicked since the last reset
+        except OSError as exc:
+            raise EventfdError(f"reading the kick fd failed: {exc.strerror}") from exc
 
     def flush(self) -> None:
         """Publish the completions made so far; interrupt the guest if it wants to hear."""
@@ -213,18 +219,19 @@ class VringWorker:
     def serve_batch(self, pending: int) -> None:
         """Serve up to `pending` requests (fewer if the budget or a batch's bounds say so)."""
         queue = self.queue
+        chain_of = queue.chain
+        heads = queue.heads(pending)
         # 1. Walk the chains, in order: what each may take.
-        batch: list[tuple[int, list[Segment] | None]] = []
+        chains: list[list[Segment] | None] = []
         total = 0
-        for ahead in range(pending):
-            head = queue.head(ahead)
+        for head in heads:
             try:
-                chain: list[Segment] = queue.chain(head)
+                chain = chain_of(head)
             except ChainError as exc:
                 self.incident("request %d refused, completed empty: %s", head, exc)
-                batch.append((head, None))
+                chains.append(None)
                 continue
-            batch.append((head, chain))
+            chains.append(chain)
             total += chain[0].length if len(chain) == 1 else sum(s.length for s in chain)
             if total >= MAX_BATCH_BYTES:
                 break
@@ -233,26 +240,40 @@ class VringWorker:
         # 3. Lay out the buffers as far as the credit and readv's limit go.
         iov: list[memoryview] = []
         takes: list[int] = []
-        for _, segments in batch:
+        for segments in chains:
             if segments is None:
                 takes.append(0)
                 continue
-            room = _IOV_MAX - len(iov)
-            if credit == 0 or (len(segments) > room and iov):
+            limit = credit if credit < MAX_REQUEST_BYTES else MAX_REQUEST_BYTES
+            if limit == 0:
                 break
-            # A chain longer than readv takes is filled as far as its first buffers go.
-            laid = lay_out(segments[:room], min(credit, MAX_REQUEST_BYTES), iov)
+            if len(segments) == 1 and segments[0].length <= limit:
+                # The common request, one buffer that fits, without a call.
+                segment = segments[0]
+                assert segment.buffer is not None
+                iov.append(segment.buffer)
+                laid = segment.length
+            else:
+                room = _IOV_MAX - len(iov)
+                if len(segments) > room:
+                    if iov:
+                        break
+                    # A chain longer than readv takes is filled as far as its first buffers go.
+                    segments = segments[:room]
+                laid = lay_out(segments, limit, iov)
             credit -= laid
             takes.append(laid)
         # 4. One read for all of them, then the used elements in order.
         count = self.read(iov) if iov else 0
         self.credit -= count
-        for (head, _), take in zip(batch, takes, strict=False):
+        lengths: list[int] = []
+        for take in takes:
             written = take if take <= count else count
             if written == 0 and take:
                 break  # a short read: this one waits for the next batch
             count -= written
-            queue.put_used(head, written)
+            lengths.append(written)
+        queue.put_used(heads, lengths)
 
     def take_credit(self, want: int) -> int:
         """Up to `want` bytes of budget: from the credit held, else from the scheduler."""

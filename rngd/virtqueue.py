@@ -117,6 +117,9 @@ class SplitQueue:
         # Translations of the buffers drivers post: Linux reuses the same few buffers, so a
         # request usually costs one dict lookup instead of a region search and a new view.
         self._segments: dict[tuple[int, int], Segment] = {}
+        #: Chains of one plain writable descriptor, by its (addr, len, flags, next): the
+        #: request of the Linux driver is then one unpack and one lookup. Do not mutate them.
+        self._simple: dict[tuple[int, int, int, int], list[Segment]] = {}
 
     def release(self) -> None:
         """Let go of guest memory (call once the ring's task has stopped)."""
@@ -124,6 +127,7 @@ class SplitQueue:
             assert segment.buffer is not None
             segment.buffer.release()
         self._segments.clear()
+        self._simple.clear()
         for view in (self._avail, self._used, self._used_elems, self._desc, *self._views):
             view.release()
 
@@ -143,13 +147,29 @@ class SplitQueue:
             )
         return count
 
-    def head(self, ahead: int = 0) -> int:
-        """Descriptor index of the request `ahead` places after the next one (call only for
-        `ahead < pending()`)."""
-        head: int = self._avail[2 + (self.next_avail + ahead) % self.size]
+    def head(self) -> int:
+        """Descriptor index of the next request (call only when `pending()`)."""
+        head: int = self._avail[2 + self.next_avail % self.size]
         if head >= self.size:
             raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
         return head
+
+    def heads(self, count: int) -> list[int]:
+        """Descriptor indices of the next `count` requests (call only for `count <= pending()`),
+        up to the first that is out of range: RingError if that is the first."""
+        start = 2 + self.next_avail % self.size
+        end = start + count
+        wrap = 2 + self.size
+        if end <= wrap:
+            heads: list[int] = self._avail[start:end].tolist()
+        else:
+            heads = self._avail[start:wrap].tolist() + self._avail[2 : end - self.size].tolist()
+        if max(heads) >= self.size:
+            bad = next(i for i, head in enumerate(heads) if head >= self.size)
+            if bad == 0:
+                raise RingError(f"avail ring names descriptor {heads[0]}, queue size {self.size}")
+            del heads[bad:]
+        return heads
 
     def chain(self, head: int) -> list[Segment]:
         """The writable buffers of the chain at `head`, in order, validated.
@@ -157,6 +177,10 @@ class SplitQueue:
         The walk is bounded by the queue size (and the indirect table's size), so a looping
         chain ends in ChainError instead of spinning.
         """
+        first = DESC.unpack_from(self._desc, 16 * head)
+        simple = self._simple.get(first)
+        if simple is not None:
+            return simple
         segments: list[Segment] = []
         table, base, table_size = self._desc, 0, self.size
         index, budget, indirect_seen = head, self.size, False
@@ -187,6 +211,9 @@ class SplitQueue:
                 segment = self._translate(addr, length)
             segments.append(segment)
             if not flags & DESC_F_NEXT:
+                if flags == DESC_F_WRITE and not indirect_seen:
+                    # One plain descriptor: the whole chain is a function of its 16 bytes.
+                    self._simple[first] = segments
                 return segments
             if nxt >= table_size:
                 raise ChainError(f"next index {nxt} outside a table of {table_size}")
@@ -203,6 +230,7 @@ class SplitQueue:
             # A driver that never reuses a buffer gets no help from the cache; bound it. Views
             # dropped here are freed with their last reference.
             self._segments.clear()
+            self._simple.clear()
         segment = self._segments[addr, length] = Segment(
             addr, length, region[offset : offset + length]
         )
@@ -210,14 +238,17 @@ class SplitQueue:
 
     # --- used side ---
 
-    def put_used(self, head: int, length: int) -> None:
-        """Return the request at `head` with `length` bytes written, consuming its avail slot;
-        the driver sees it at the next `publish_used`."""
-        slot = 2 * (self.next_used % self.size)
-        self._used_elems[slot] = head
-        self._used_elems[slot + 1] = length
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
+    def put_used(self, heads: list[int], lengths: list[int]) -> None:
+        """Return the next `len(lengths)` requests, `heads[i]` with `lengths[i]` bytes written,
+        consuming their avail slots; the driver sees them at the next `publish_used`."""
+        elems, size, slot = self._used_elems, self.size, self.next_used
+        for head, length in zip(heads, lengths, strict=False):
+            index = 2 * (slot % size)
+            elems[index] = head
+            elems[index + 1] = length
+            slot += 1
+        self.next_used = slot & 0xFFFF
+        self.next_avail = (self.next_avail + len(lengths)) & 0xFFFF
 
     def publish_used(self) -> None:
         """Make every used element put so far visible to the driver: one fence, one store."""
@@ -227,8 +258,8 @@ class SplitQueue:
             self._used[1] = self._published_used = self.next_used
 
     def complete(self, head: int, length: int) -> None:
-        """`put_used` and `publish_used` in one."""
-        self.put_used(head, length)
+        """Return one request: `put_used` and `publish_used` in one."""
+        self.put_used([head], [length])
         self.publish_used()
 
     def enable_notifications(self) -> bool:

@@ -208,3 +208,16 @@ def test_indices_wrap_at_16_bits(memory: GuestMemory) -> None:
     q.complete(q.head(), 1)
     q.complete(q.head(), 2)
     assert q.next_avail == 1 and peek(memory, USED + 2, "<H") == (1,)
+
+
+def test_heads_wrap_around_the_ring_and_stop_before_a_bad_one(memory: GuestMemory) -> None:
+    q = queue(memory, base=SIZE - 2)
+    poke(memory, AVAIL + 2, "<H", SIZE - 2)
+    post(memory, 3, 4, 5, 6)  # slots 6, 7, then 0, 1
+    assert q.heads(4) == [3, 4, 5, 6]
+    post(memory, 1, SIZE, 2)  # a head out of range after a good one
+    q.put_used([3, 4, 5, 6], [1, 1, 1, 1])
+    assert q.heads(3) == [1]
+    q.put_used([1], [1])
+    with pytest.raises(RingError, match="names descriptor"):
+        q.heads(2)
