@@ -180,8 +180,9 @@ class VringWorker:
                 self.flush()
 
     def drain(self) -> None:
-        """Serve every available request, signal the guest, re-arm notifications, and only
-        then reset the kick eventfd: the guest waits for its interrupt, not for that."""
+        """Serve every available request, signalling the guest after each batch; then re-arm
+        notifications and only then reset the kick eventfd (the guest waits for its
+        interrupt, not for that)."""
         queue = self.queue
         while True:
             pending = queue.pending()
@@ -189,14 +190,12 @@ class VringWorker:
                 self.serve_batch(pending)
                 if self.stopping:
                     raise _Stopped
+                self.flush()
                 continue
-            interrupt, more = queue.end_batch()
-            if interrupt:
-                self.call.signal()
-            if more:
+            if queue.arm():
                 continue
             self._reset_kick()
-            # A request posted after end_batch's look may have kicked the counter just reset.
+            # A request posted after arm()'s look may have kicked the counter just reset.
             if not queue.pending():
                 return
 

@@ -157,6 +157,8 @@ class SplitQueue:
     def heads(self, count: int) -> list[int]:
         """Descriptor indices of the next `count` requests (call only for `count <= pending()`),
         up to the first that is out of range: RingError if that is the first."""
+        if count == 1:
+            return [self.head()]
         start = 2 + self.next_avail % self.size
         end = start + count
         wrap = 2 + self.size
@@ -262,7 +264,7 @@ class SplitQueue:
         self.put_used([head], [length])
         self.publish_used()
 
-    def enable_notifications(self) -> bool:
+    def arm(self) -> bool:
         """Ask the driver to kick for what comes after `next_avail`; True if more came already.
 
         With EVENT_IDX the driver kicks only when it passes avail_event, so it must be written
@@ -273,16 +275,6 @@ class SplitQueue:
             self._used[self._avail_event_slot] = self.next_avail
             fence()
         return self.pending() > 0
-
-    def end_batch(self) -> tuple[bool, bool]:
-        """Before sleeping: publish the completions and re-arm notifications, with one fence
-        for both handshakes. Returns (interrupt the guest now?, more requests came already?).
-        """
-        self.publish_used()
-        if self.event_idx:
-            self._used[self._avail_event_slot] = self.next_avail
-        fence()
-        return self._interrupt_wanted(), self.pending() > 0
 
     def needs_interrupt(self) -> bool:
         """Whether the completions published since the last interrupt should be signalled."""

@@ -178,10 +178,10 @@ def test_event_idx_suppression(memory: GuestMemory) -> None:
     assert q.needs_interrupt()  # used idx 2 passed it
     assert not q.needs_interrupt()  # nothing new since
     # Sleeping writes avail_event = next avail, and sees a request posted meanwhile.
-    assert not q.enable_notifications()
+    assert not q.arm()
     assert peek(memory, USED + 4 + 8 * SIZE, "<H") == (2,)
     post(memory, 0)
-    assert q.enable_notifications()
+    assert q.arm()
 
 
 def test_no_interrupt_flag_and_notify_on_empty(memory: GuestMemory) -> None:
