@@ -37,7 +37,7 @@ MAX_BATCH_BYTES = 1 << 20
 #: Most buffers one readv takes (the kernel's UIO_MAXIOV).
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 _ONE = (1).to_bytes(8, "little")
-_POLL_TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 
 
 class Budget(Protocol):
@@ -154,35 +154,38 @@ class VringWorker:
         self._stop_fd = -1
 
     def run(self, stop_fd: int) -> None:
-        """Drain, then sleep in poll() until kicked or stopped; forever.
+        """Drain, then sleep in epoll until kicked or stopped; forever.
 
+        The kick eventfd is watched edge-triggered and never read, as the kernel's vhost
+        does: every write to an eventfd is a new edge, so a kick that comes after the ring
+        was re-armed always ends the next wait, and the request path saves a system call.
         The ring is drained once before the first wait: QEMU's kick eventfd starts out
         signalled, and requests may have been posted before the ring was started.
         """
         self._stop_fd = stop_fd
-        poller = select.poll()
-        poller.register(self.kick_fd, select.POLLIN)
-        poller.register(stop_fd, select.POLLIN)
-        try:
-            while not self.stopping:
-                self.drain()
-                for fd, events in poller.poll():
-                    if fd == stop_fd:
-                        return
-                    if events & _POLL_TROUBLE:
-                        raise EventfdError(f"kick fd reports poll events {events:#x}")
-        except _Stopped:
-            return
-        finally:
-            # Also when a stop or an error cuts a batch short: completions already made must
-            # reach the guest.
-            with contextlib.suppress(EventfdError):
-                self.flush()
+        kick = self.kick_fd
+        with select.epoll(2) as epoll:
+            epoll.register(kick, select.EPOLLIN | select.EPOLLET)
+            epoll.register(stop_fd, select.EPOLLIN)
+            try:
+                while not self.stopping:
+                    self.drain()
+                    for fd, events in epoll.poll():
+                        if fd == stop_fd:
+                            return
+                        if events & _EPOLL_TROUBLE:
+                            raise EventfdError(f"kick fd reports poll events {events:#x}")
+            except _Stopped:
+                return
+            finally:
+                # Also when a stop or an error cuts a batch short: completions already made
+                # must reach the guest.
+                with contextlib.suppress(EventfdError):
+                    self.flush()
 
     def drain(self) -> None:
-        """Serve every available request, signalling the guest after each batch; then re-arm
-        notifications and only then reset the kick eventfd (the guest waits for its
-        interrupt, not for that)."""
+        """Serve every available request, signalling the guest after each batch, until the
+        ring is empty once notifications are re-armed."""
         queue = self.queue
         while True:
             pending = queue.pending()
@@ -191,22 +194,8 @@ class VringWorker:
                 if self.stopping:
                     raise _Stopped
                 self.flush()
-                continue
-            if queue.arm():
-                continue
-            self._reset_kick()
-            # A request posted after arm()'s look may have kicked the counter just reset.
-            if not queue.pending():
+            elif not queue.arm():
                 return
-
-    def _reset_kick(self) -> None:
-        try:
-            if not os.read(self.kick_fd, 8):
-                raise EventfdError("kick fd is at end of file")
-        except BlockingIOError:
-            pass  # nothing kicked since the last reset
-        except OSError as exc:
-            raise EventfdError(f"reading the kick fd failed: {exc.strerror}") from exc
 
     def flush(self) -> None:
         """Publish the completions made so far; interrupt the guest if it wants to hear."""
