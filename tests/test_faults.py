@@ -7,16 +7,23 @@ this process where only its behaviour is (faster).
 
 from __future__ import annotations
 
+import errno
+import functools
+import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import tty
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 
 import rngd
+from rngd.config import DaemonConfig
+from rngd.daemon import Daemon, SocketServer
 from rngd.testing import (
     DaemonProcess,
     Frontend,
@@ -368,3 +375,154 @@ async def test_connect_disconnect_cycles_flat_fds_and_memory(
             grown = rss_kib(daemon.pid) - rss
         assert grown < 1024, f"RSS grew by {grown} KiB over {CYCLES} cycles"
         await serves(path)
+
+
+# -- accept() failing ----------------------------------------------------------------------
+
+
+def lowest_free_fd(pid: int) -> int:
+    """The fd number the process `pid` gets for its next fd."""
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    fd = 0
+    while fd in used:
+        fd += 1
+    return fd
+
+
+async def test_out_of_fds_accept_backs_off_and_guests_keep_their_service(
+    workdir: str, source: tuple[str, bytes]
+) -> None:
+    """Behaviour: with its fd limit reached the daemon cannot accept (EMFILE). It says so in
+    one line, retries every 0.1 s, keeps serving the guests it has (on the same and other
+    sockets), and accepts the waiting VMM as soon as an fd is freed.
+
+    The daemon is a subprocess whose soft RLIMIT_NOFILE is lowered (prlimit) to leave room
+    for exactly one more fd once a first guest is running."""
+    async with daemon_process(
+        os.path.join(workdir, "rng.sock"), socket_count=3, filename=source[0], log_level="debug"
+    ) as daemon:
+        path0, path1, path2 = daemon.socket_paths
+        limits = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
+        opened: list[Frontend] = []
+        try:
+            with trio.fail_after(4 * STEP):
+                guest = await Frontend.connect(path0)
+                opened.append(guest)
+                await guest.start_qemu72(4)
+                got = await guest.read_random(64)
+                resource.prlimit(
+                    daemon.pid,
+                    resource.RLIMIT_NOFILE,
+                    (lowest_free_fd(daemon.pid) + 1, limits[1]),
+                )
+                # The last fd goes to a VMM on another socket.
+                second = await Frontend.connect(path1)
+                opened.append(second)
+                await second.get_features()
+                # This one waits in the kernel's backlog: accept() fails with EMFILE.
+                third = await Frontend.connect(path2)
+                opened.append(third)
+                answered = trio.Event()
+
+                async def third_asks() -> None:
+                    await third.get_features()
+                    answered.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(third_asks)
+                    # Both guests are served while accept() is retried, several times.
+                    while daemon.log().count("accept still failing") < 3:
+                        got += await guest.read_random(64)
+                        await second.get_features()
+                    assert not answered.is_set()
+                    # The second VMM leaves: its fd is free, the next retry accepts.
+                    await second.aclose()
+                got += await guest.read_random(64)
+        finally:
+            resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, limits)
+            for vmm in opened:
+                await vmm.aclose()
+        assert got == source[1][: len(got)]
+        log = daemon.log()
+        failed = [line for line in log.splitlines() if "cannot accept connections" in line]
+        assert len(failed) == 1, log
+        assert os.path.basename(path2) in failed[0] and "EMFILE" in failed[0]
+        assert "accepting connections again" in log
+        assert "Traceback" not in log
+
+
+async def _failing_first(
+    errnos: list[int], accept: Callable[[], Awaitable[trio.socket.SocketType]]
+) -> trio.socket.SocketType:
+    """The listening socket's own accept(), after raising `errnos` one by one: errors this
+    test cannot cause for real on a Unix socket (ECONNABORTED, ENOBUFS, ...)."""
+    await trio.lowlevel.checkpoint()
+    if errnos:
+        code = errnos.pop(0)
+        raise OSError(code, os.strerror(code))
+    return await accept()
+
+
+async def _accept(sock: trio.socket.SocketType) -> trio.socket.SocketType:
+    conn, _ = await sock.accept()
+    return conn
+
+
+@pytest.mark.parametrize(
+    ("code", "logged"),
+    [
+        pytest.param(code, logged, id=errno.errorcode[code])
+        for code, logged in [
+            (errno.ECONNABORTED, False),
+            (errno.EPROTO, False),
+            (errno.EPERM, False),
+            (errno.EMFILE, True),
+            (errno.ENFILE, True),
+            (errno.ENOBUFS, True),
+            (errno.ENOMEM, True),
+            (errno.EINVAL, True),  # not a known one: retried the same way, never fatal
+        ]
+    ],
+)
+async def test_accept_errors_never_end_the_socket(
+    code: int,
+    logged: bool,
+    workdir: str,
+    source: tuple[str, bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Behaviour: an error about one connection that vanished (as trio's SocketListener
+    ignores) is skipped; a resource error (as trio's serve_listeners backs off on) or an
+    unknown one is logged once and retried until accept() works. Either way the socket then
+    serves the next VMM."""
+    caplog.set_level(logging.DEBUG, logger="rngd")
+    daemon = Daemon(DaemonConfig(os.path.join(workdir, "rng.sock"), filename=source[0]))
+    try:
+        listener = daemon.listeners[0]
+        real = functools.partial(_accept, trio.socket.from_stdlib_socket(listener.sock))
+        failures = [code] * 5
+        server = SocketServer(
+            "rng.sock0",
+            functools.partial(_failing_first, failures, real),
+            daemon.source,
+            daemon.scheduler.guest(0),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            with trio.fail_after(STEP):
+                assert await serves(listener.path) == source[1][:64]
+            nursery.cancel_scope.cancel()
+        assert failures == []
+    finally:
+        daemon.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if logged:
+        assert len(errors) == 1, errors
+        assert errors[0].startswith("rng.sock0: cannot accept connections")
+        assert errno.errorcode[code] in errors[0]
+        assert any(
+            "accepting connections again (after 5 failed attempts)" in r.getMessage()
+            for r in caplog.records
+        )
+    else:
+        assert errors == []
