@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import resource
@@ -375,6 +376,37 @@ async def test_connect_disconnect_cycles_flat_fds_and_memory(
             grown = rss_kib(daemon.pid) - rss
         assert grown < 1024, f"RSS grew by {grown} KiB over {CYCLES} cycles"
         await serves(path)
+
+
+SOAK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "soak")
+
+
+async def test_soak_script_briefly(workdir: str) -> None:
+    """`scripts/soak` in brief: 200 full connections and 50 resets (RESET_OWNER, a new memory
+    table, the ring restarted) against one daemon; its fd count is back exactly where it
+    started in both phases and its RSS has grown by no more than noise."""
+    figures_path = os.path.join(workdir, "soak.json")
+    result = await trio.run_process(
+        [
+            *(sys.executable, SOAK),
+            *("--cycles", "200", "--resets", "50", "--warmup", "20"),
+            *("--json", figures_path),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, out + err
+    assert "| phase | rounds |" in out
+    with open(figures_path) as f:
+        figures = json.load(f)
+    assert figures["daemon_warnings"] == []
+    connections, resets = figures["phases"]
+    assert (connections["rounds"], resets["rounds"]) == (200, 50)
+    for phase in (connections, resets):
+        assert phase["end"]["fds"] == phase["start"]["fds"], phase
+        assert phase["end"]["rss_kib"] - phase["start"]["rss_kib"] < 4096, phase
 
 
 # -- accept() failing ----------------------------------------------------------------------
