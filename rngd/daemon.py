@@ -1,35 +1,73 @@
 """The daemon: one listening socket per guest, each serving one VMM connection at a time.
 
-Structure (the design card): a root nursery owns one task per socket; each accepted connection
-runs in a child nursery (`Connection.run`) holding its protocol task and kick-handler tasks.
-Cancelling the root nursery (SIGINT/SIGTERM) unwinds everything; the socket files are removed
-on the way out.
+Structure (the design card): a root nursery owns one task per socket (`SocketServer.run`),
+which accepts all the time; the connection it serves runs in a child nursery
+(`Connection.run`) holding its protocol task and kick-handler tasks. A connection that arrives
+while the socket's VMM is still there is closed at once. Cancelling the root nursery
+(SIGINT/SIGTERM) unwinds everything; the socket files are removed on the way out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import grp
 import logging
 import os
+import select
 import signal
 import socket
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 
 import trio
 
 from rngd.backend import Connection
 from rngd.bandwidth import BandwidthScheduler, ShareMode
 from rngd.config import ConfigError, DaemonConfig
+from rngd.device import Budget
+from rngd.incidents import IncidentLog
 from rngd.source import EntropySource, SourceError
 
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")
-#: Connections that may queue while the socket's current VMM is served (QEMU connects once).
+#: Connections the kernel holds until we accept them (we accept all the time; QEMU connects
+#: once, so this only absorbs a burst, or connections made while accept() is failing).
 _BACKLOG = 16
+
+#: accept() errors that say the process or the system is out of a resource (trio's
+#: ACCEPT_CAPACITY_ERRNOS): they pass when fds or memory are freed, so the socket waits a
+#: little and tries again, as trio's `serve_listeners` does.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: accept() errors about one connection that went away before it was accepted (the ones
+#: trio's `SocketListener.accept` ignores): the next accept() is tried at once.
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
+#: Seconds between accept() attempts while it fails with any other error, capacity or not
+#: (trio's SLEEP_TIME): an error we do not know is retried too, never fatal.
+ACCEPT_RETRY = 0.1
 
 
 @dataclass(eq=False)
@@ -156,7 +194,13 @@ class Daemon:
                 root.cancel_scope.cancel()
                 return
             for index, listener in enumerate(self.listeners):
-                root.start_soon(_serve_socket, index, listener, self.source, self.scheduler)
+                server = SocketServer(
+                    os.path.basename(listener.path),
+                    functools.partial(_accept, trio.socket.from_stdlib_socket(listener.sock)),
+                    self.source,
+                    self.scheduler.guest(index),
+                )
+                root.start_soon(server.run)
             log.info(
                 "listening on %s (source %s, %s)",
                 ", ".join(self.paths),
@@ -189,23 +233,133 @@ async def serve(
         daemon.close()
 
 
-async def _serve_socket(
-    index: int, listener: Listener, source: EntropySource, scheduler: BandwidthScheduler
-) -> None:
-    """Accept VMMs on one socket, one at a time, for the daemon's whole life."""
-    sock = trio.socket.from_stdlib_socket(listener.sock)
-    budget = scheduler.guest(index)
-    name = f"{os.path.basename(listener.path)}"
-    while True:
-        conn_sock, _ = await sock.accept()
-        with conn_sock:
-            peer = _peer(conn_sock)
-            log.info("%s: VMM connected (%s)", name, peer)
+Accept = Callable[[], Awaitable[trio.socket.SocketType]]
+
+
+async def _accept(sock: trio.socket.SocketType) -> trio.socket.SocketType:
+    # Only once a connection is waiting: accept(2) fails with EMFILE when no fd is free even
+    # with nothing to accept, and every idle socket would report a shortage no VMM suffers.
+    await trio.lowlevel.wait_readable(sock)
+    conn, _ = await sock.accept()
+    return conn
+
+
+@dataclass(eq=False)
+class _Served:
+    """A connection the socket has taken on: served now, or as soon as `after` is done."""
+
+    sock: trio.socket.SocketType
+    peer: str
+    after: _Served | None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def leaving(self) -> bool:
+        """True once the VMM has hung up (the connection is ending, or has ended)."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            return True
+        poller = select.poll()  # poll(2), not epoll: it takes no fd, even when none are left
+        # POLLRDHUP: the peer shut down or closed its end; POLLHUP, POLLERR come unasked.
+        poller.register(fd, select.POLLRDHUP)
+        return bool(poller.poll(0))
+
+
+class SocketServer:
+    """One listening socket: accepts all the time, serves one VMM at a time.
+
+    A connection that arrives while the socket's VMM is connected is closed at once (logged
+    one line each, rate-limited). One that arrives after that VMM hung up is taken on at once
+    and served as soon as the old connection's cleanup is over, even when the hang-up is not
+    processed yet: a new VMM right after the old one is never refused.
+
+    accept() never ends the task: errors about one vanished connection are skipped, any
+    other (EMFILE when the daemon is out of fds, ...) is logged once and retried every
+    `ACCEPT_RETRY` seconds until accept() works again. Guests already connected go on.
+    """
+
+    def __init__(self, name: str, accept: Accept, source: EntropySource, budget: Budget) -> None:
+        self.name = name
+        self.accept = accept
+        self.source = source
+        self.budget = budget
+        #: The connection served, or the last one queued behind it.
+        self.current: _Served | None = None
+        self.refusals = IncidentLog(log, f"{name}: ")
+
+    async def run(self) -> None:
+        """Accept and serve until cancelled."""
+        failing: int | None = None  # errno of the failure streak, logged once
+        failures = 0
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    conn = await self.accept()
+                except OSError as exc:
+                    if exc.errno in TRANSIENT_ERRNOS:
+                        log.debug("%s: accept: %s (skipped)", self.name, exc)
+                        await trio.lowlevel.checkpoint()  # a flood of them cannot starve others
+                        continue
+                    failures += 1
+                    if exc.errno != failing:
+                        failing = exc.errno
+                        log.error(
+                            "%s: cannot accept connections%s: %s; retrying every %g s "
+                            "(connected VMMs are still served)",
+                            self.name,
+                            ", out of resources" if exc.errno in CAPACITY_ERRNOS else "",
+                            _describe(exc),
+                            ACCEPT_RETRY,
+                        )
+                    else:
+                        log.debug("%s: accept still failing (%d attempts)", self.name, failures)
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                if failing is not None:
+                    log.info(
+                        "%s: accepting connections again (after %d failed attempts)",
+                        self.name,
+                        failures,
+                    )
+                    failing, failures = None, 0
+                self._take(conn, nursery)
+
+    def _take(self, conn: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        peer = _peer(conn)
+        previous = self.current
+        if previous is not None and not previous.leaving():
+            conn.close()
+            self.refusals(
+                "connection refused (%s): this socket already serves a VMM (%s)",
+                peer,
+                previous.peer,
+            )
+            return
+        served = self.current = _Served(conn, peer, previous)
+        nursery.start_soon(self._serve, served)
+
+    async def _serve(self, served: _Served) -> None:
+        with served.sock:
             try:
-                await Connection(conn_sock, name, source, budget).run()
-            except Exception:
-                # A bug must cost one connection, never the daemon and its other guests.
-                log.exception("%s: connection failed; accepting the next VMM", name)
+                if served.after is not None:
+                    # The previous VMM hung up; its memory and fds are released first.
+                    await served.after.done.wait()
+                    served.after = None  # or every connection would keep its predecessors
+                log.info("%s: VMM connected (%s)", self.name, served.peer)
+                try:
+                    await Connection(served.sock, self.name, self.source, self.budget).run()
+                except Exception:
+                    # A bug must cost one connection, never the daemon and its other guests.
+                    log.exception("%s: connection failed; accepting the next VMM", self.name)
+            finally:
+                if self.current is served:
+                    self.current = None
+                served.done.set()
+                self.refusals.flush()
+
+
+def _describe(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else "?"
+    return f"{code} ({exc.strerror})"
 
 
 def _peer(sock: trio.socket.SocketType | socket.socket) -> str:

@@ -5,7 +5,9 @@ eventfds."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 
@@ -249,17 +251,86 @@ async def test_three_sockets_served_at_once(workdir: str, source: tuple[str, byt
     assert_partition(source[1], streams)
 
 
-async def test_next_frontend_queues_behind_the_current_one(sock0: str) -> None:
-    """A second VMM connecting while the socket is busy is not refused: it is served as soon
-    as the first hangs up."""
+async def test_second_vmm_is_closed_at_once_while_the_first_is_served(
+    sock0: str, source: tuple[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One VMM per socket: a connection while the socket's VMM is connected is closed at
+    once (not left hanging in the backlog), with one log line naming the socket; the first VMM
+    is served throughout."""
+    caplog.set_level(logging.INFO, logger="rngd")
     with trio.fail_after(STEP_TIMEOUT):
-        first = await Frontend.connect(sock0)
-        async with first:
+        async with await Frontend.connect(sock0) as first:
             await first.start_qemu72()
-            second = await Frontend.connect(sock0)
-        async with second:
-            await second.start_qemu72()
-            assert len(await second.read_random(256)) == 256
+            got = await first.read_random(64)
+            async with await Frontend.connect(sock0) as second:
+                with pytest.raises(BackendDisconnected):
+                    await second.get_features()
+            got += await first.read_random(64)
+            await first.get_features()
+    assert got == source[1][:128]
+    refused = [r.getMessage() for r in caplog.records if "connection refused" in r.getMessage()]
+    assert len(refused) == 1, refused
+    assert refused[0].startswith(os.path.basename(sock0) + ": ")
+
+
+async def test_next_vmm_is_served_as_soon_as_the_first_hangs_up(
+    sock0: str, source: tuple[str, bytes]
+) -> None:
+    """The next VMM may connect before the daemon has seen the previous one hang up: it is
+    not refused, and it is served once the previous connection is cleaned up. (Whether the
+    accept or the hang-up is handled first varies from round to round.)"""
+    expected = source[1]
+    with trio.fail_after(STEP_TIMEOUT * 4):
+        offset = 0
+        for _ in range(20):
+            vmm = await Frontend.connect(sock0)
+            async with vmm:
+                await vmm.start_qemu72()
+                assert await vmm.read_random(64) == expected[offset : offset + 64]
+            offset += 64
+
+
+async def test_refused_connections_are_logged_rate_limited(
+    sock0: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A VMM reconnecting in a loop cannot flood the log: a burst of lines, then a count of
+    the rest (told when the socket's VMM leaves)."""
+    caplog.set_level(logging.INFO, logger="rngd")
+    attempts = 40
+    with trio.fail_after(STEP_TIMEOUT * 2):
+        async with await Frontend.connect(sock0) as first:
+            await first.start_qemu72()
+            for _ in range(attempts):
+                async with await Frontend.connect(sock0) as other:
+                    with pytest.raises(BackendDisconnected):
+                        await other.get_features()
+            await first.read_random(64)
+        # Served once the first has gone, as before any refusal.
+        async with await Frontend.connect(sock0) as next_vmm:
+            await next_vmm.start_qemu72()
+            await next_vmm.read_random(64)
+    messages = [r.getMessage() for r in caplog.records]
+    logged = sum("connection refused" in m for m in messages)
+    held_back = sum(int(m.split()[1]) for m in messages if re.match(r"\S+: \d+ more incidents", m))
+    assert logged < attempts
+    assert logged + held_back == attempts, messages
+
+
+async def test_other_socket_serves_while_one_refuses(
+    socks: list[str], source: tuple[str, bytes]
+) -> None:
+    with trio.fail_after(STEP_TIMEOUT):
+        async with (
+            await Frontend.connect(socks[0]) as first,
+            await Frontend.connect(socks[1]) as other,
+        ):
+            await first.start_qemu72()
+            await other.start_qemu72()
+            async with await Frontend.connect(socks[0]) as refused:
+                with pytest.raises(BackendDisconnected):
+                    await refused.get_features()
+            assert len(await other.read_random(64)) == 64
+            assert len(await first.read_random(64)) == 64
 
 
 # -- resource hygiene ----------------------------------------------------------------------

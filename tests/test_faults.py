@@ -7,16 +7,24 @@ this process where only its behaviour is (faster).
 
 from __future__ import annotations
 
+import errno
+import functools
+import json
+import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import tty
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 
 import rngd
+from rngd.config import DaemonConfig
+from rngd.daemon import Daemon, SocketServer
 from rngd.testing import (
     DaemonProcess,
     Frontend,
@@ -368,3 +376,195 @@ async def test_connect_disconnect_cycles_flat_fds_and_memory(
             grown = rss_kib(daemon.pid) - rss
         assert grown < 1024, f"RSS grew by {grown} KiB over {CYCLES} cycles"
         await serves(path)
+
+
+SOAK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "soak")
+
+
+async def test_soak_script_briefly(workdir: str) -> None:
+    """`scripts/soak` in brief: 200 full connections and 50 resets (RESET_OWNER, a new memory
+    table, the ring restarted) against one daemon; its fd count is back exactly where it
+    started in both phases and its RSS has grown by no more than noise."""
+    figures_path = os.path.join(workdir, "soak.json")
+    result = await trio.run_process(
+        [
+            *(sys.executable, SOAK),
+            *("--cycles", "200", "--resets", "50", "--warmup", "20"),
+            *("--json", figures_path),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, out + err
+    assert "| phase | rounds |" in out
+    with open(figures_path) as f:
+        figures = json.load(f)
+    assert figures["daemon_warnings"] == []
+    connections, resets = figures["phases"]
+    assert (connections["rounds"], resets["rounds"]) == (200, 50)
+    for phase in (connections, resets):
+        assert phase["end"]["fds"] == phase["start"]["fds"], phase
+        assert phase["end"]["rss_kib"] - phase["start"]["rss_kib"] < 4096, phase
+
+
+# -- accept() failing ----------------------------------------------------------------------
+
+
+def lowest_free_fd(pid: int) -> int:
+    """The fd number the process `pid` gets for its next fd."""
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    fd = 0
+    while fd in used:
+        fd += 1
+    return fd
+
+
+async def test_out_of_fds_accept_backs_off_and_guests_keep_their_service(
+    workdir: str, source: tuple[str, bytes]
+) -> None:
+    """Behaviour: with its fd limit reached the daemon cannot accept (EMFILE). It says so in
+    one line, retries every 0.1 s, keeps serving the guests it has (on the same and other
+    sockets), and accepts the waiting VMM as soon as an fd is freed. SIGTERM while it backs
+    off still ends it with status 0 within 1 s (daemon_process checks on the way out).
+
+    The daemon is a subprocess whose soft RLIMIT_NOFILE is lowered (prlimit) to leave room
+    for exactly one more fd once a first guest is running."""
+    opened: list[Frontend] = []
+
+    async def connect(path: str) -> Frontend:
+        vmm = await Frontend.connect(path)
+        opened.append(vmm)
+        return vmm
+
+    try:
+        async with daemon_process(
+            os.path.join(workdir, "rng.sock"),
+            socket_count=3,
+            filename=source[0],
+            log_level="debug",
+        ) as daemon:
+            path0, path1, path2 = daemon.socket_paths
+            with trio.fail_after(4 * STEP):
+                guest = await connect(path0)
+                await guest.start_qemu72(4)
+                got = await guest.read_random(64)
+                hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)[1]
+                room = lowest_free_fd(daemon.pid) + 1
+                resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (room, hard))
+                # The last fd goes to a VMM on another socket.
+                second = await connect(path1)
+                await second.get_features()
+                # This one waits in the kernel's backlog: accept() fails with EMFILE.
+                third = await connect(path2)
+                answered = trio.Event()
+
+                async def third_asks() -> None:
+                    await third.get_features()
+                    answered.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(third_asks)
+                    # Both guests are served while accept() is retried, several times.
+                    while daemon.log().count("accept still failing") < 3:
+                        got += await guest.read_random(64)
+                        await second.get_features()
+                    assert not answered.is_set()
+                    # The second VMM leaves: its fd is free, the next retry accepts.
+                    await second.aclose()
+                got += await guest.read_random(64)
+                # The third took the last fd: a VMM on the second socket now waits, and the
+                # daemon backs off when the SIGTERM comes.
+                await connect(path1)
+                while f"{os.path.basename(path1)}: cannot accept" not in daemon.log():
+                    got += await guest.read_random(64)
+            assert got == source[1][: len(got)]
+            log = daemon.log()
+            failed = [line for line in log.splitlines() if "cannot accept connections" in line]
+            assert len(failed) == 2, log
+            # Once per socket, though retried several times on the third socket.
+            assert os.path.basename(path2) in failed[0] and "EMFILE" in failed[0]
+            assert os.path.basename(path1) in failed[1]
+            assert "accepting connections again" in log
+            assert "Traceback" not in log
+    finally:
+        for vmm in opened:
+            await vmm.aclose()
+
+
+async def _failing_first(
+    errnos: list[int], accept: Callable[[], Awaitable[trio.socket.SocketType]]
+) -> trio.socket.SocketType:
+    """The listening socket's own accept(), after raising `errnos` one by one: errors this
+    test cannot cause for real on a Unix socket (ECONNABORTED, ENOBUFS, ...)."""
+    await trio.lowlevel.checkpoint()
+    if errnos:
+        code = errnos.pop(0)
+        raise OSError(code, os.strerror(code))
+    return await accept()
+
+
+async def _accept(sock: trio.socket.SocketType) -> trio.socket.SocketType:
+    conn, _ = await sock.accept()
+    return conn
+
+
+@pytest.mark.parametrize(
+    ("code", "logged"),
+    [
+        pytest.param(code, logged, id=errno.errorcode[code])
+        for code, logged in [
+            (errno.ECONNABORTED, False),
+            (errno.EPROTO, False),
+            (errno.EPERM, False),
+            (errno.EMFILE, True),
+            (errno.ENFILE, True),
+            (errno.ENOBUFS, True),
+            (errno.ENOMEM, True),
+            (errno.EINVAL, True),  # not a known one: retried the same way, never fatal
+        ]
+    ],
+)
+async def test_accept_errors_never_end_the_socket(
+    code: int,
+    logged: bool,
+    workdir: str,
+    source: tuple[str, bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Behaviour: an error about one connection that vanished (as trio's SocketListener
+    ignores) is skipped; a resource error (as trio's serve_listeners backs off on) or an
+    unknown one is logged once and retried until accept() works. Either way the socket then
+    serves the next VMM."""
+    caplog.set_level(logging.DEBUG, logger="rngd")
+    daemon = Daemon(DaemonConfig(os.path.join(workdir, "rng.sock"), filename=source[0]))
+    try:
+        listener = daemon.listeners[0]
+        real = functools.partial(_accept, trio.socket.from_stdlib_socket(listener.sock))
+        failures = [code] * 5
+        server = SocketServer(
+            "rng.sock0",
+            functools.partial(_failing_first, failures, real),
+            daemon.source,
+            daemon.scheduler.guest(0),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            with trio.fail_after(STEP):
+                assert await serves(listener.path) == source[1][:64]
+            nursery.cancel_scope.cancel()
+        assert failures == []
+    finally:
+        daemon.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if logged:
+        assert len(errors) == 1, errors
+        assert errors[0].startswith("rng.sock0: cannot accept connections")
+        assert errno.errorcode[code] in errors[0]
+        assert any(
+            "accepting connections again (after 5 failed attempts)" in r.getMessage()
+            for r in caplog.records
+        )
+    else:
+        assert errors == []
