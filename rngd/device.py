@@ -199,9 +199,7 @@ class VringWorker:
 
     def flush(self) -> None:
         """Publish the completions made so far; interrupt the guest if it wants to hear."""
-        queue = self.queue
-        queue.publish_used()
-        if queue.needs_interrupt():
+        if self.queue.publish():
             self.call.signal()
 
     def serve_batch(self, pending: int) -> None:
@@ -223,8 +221,11 @@ class VringWorker:
             total += chain[0].length if len(chain) == 1 else sum(s.length for s in chain)
             if total >= MAX_BATCH_BYTES:
                 break
-        # 2. One grant for the batch.
-        credit = self.take_credit(min(total, MAX_BATCH_BYTES)) if total else 0
+        # 2. One grant for the batch (without a call while unlimited credit lasts).
+        want = total if total < MAX_BATCH_BYTES else MAX_BATCH_BYTES
+        credit = self.credit
+        if credit < want or self.credit_until != math.inf:
+            credit = self.take_credit(want) if want else 0
         # 3. Lay out the buffers as far as the credit and readv's limit go.
         iov: list[memoryview] = []
         takes: list[int] = []
@@ -252,7 +253,11 @@ class VringWorker:
             credit -= laid
             takes.append(laid)
         # 4. One read for all of them, then the used elements in order.
-        count = self.read(iov) if iov else 0
+        count = 0
+        if iov:
+            count = self.source.read(iov)
+            if count <= 0:
+                count = self.wait_for_source(iov, count)
         self.credit -= count
         lengths: list[int] = []
         for take in takes:
@@ -284,13 +289,11 @@ class VringWorker:
             granted = 1 << 62  # unlimited: this thread never needs to ask again
         return granted, until
 
-    def read(self, iov: list[memoryview]) -> int:
-        """Fill `iov` from the source: at least one byte, waiting (stoppably) if need be."""
+    def wait_for_source(self, iov: list[memoryview], count: int) -> int:
+        """Fill `iov` from a source that just gave `count` (end of file or WOULD_BLOCK):
+        at least one byte, waiting (stoppably) for it."""
         source = self.source
         while True:
-            count = source.read(iov)
-            if count > 0:
-                return count
             self.flush()
             if count == WOULD_BLOCK:
                 ready = select.poll()
@@ -300,6 +303,9 @@ class VringWorker:
                     raise _Stopped
             elif wait_readable(self._stop_fd, source.eof_retry * 1000):
                 raise _Stopped
+            count = source.read(iov)
+            if count > 0:
+                return count
 
 
 def lay_out(segments: list[Segment], limit: int, iov: list[memoryview]) -> int:

@@ -158,7 +158,10 @@ class SplitQueue:
         """Descriptor indices of the next `count` requests (call only for `count <= pending()`),
         up to the first that is out of range: RingError if that is the first."""
         if count == 1:
-            return [self.head()]
+            head: int = self._avail[2 + self.next_avail % self.size]
+            if head >= self.size:
+                raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
+            return [head]
         start = 2 + self.next_avail % self.size
         end = start + count
         wrap = 2 + self.size
@@ -258,6 +261,12 @@ class SplitQueue:
             if not _STORES_ORDERED:
                 fence()  # the elements must be visible before the index that publishes them
             self._used[1] = self._published_used = self.next_used
+
+    def publish(self) -> bool:
+        """`publish_used`, then whether the driver wants an interrupt for what it now sees."""
+        self.publish_used()
+        fence()  # used idx must be visible before we read the driver's suppression state
+        return self._interrupt_wanted()
 
     def complete(self, head: int, length: int) -> None:
         """Return one request: `put_used` and `publish_used` in one."""
