@@ -40,11 +40,45 @@ log = logging.getLogger(__name__)
 
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+_FD_ROLE = {
+    Request.SET_VRING_KICK: "kick",
+    Request.SET_VRING_CALL: "call",
+    Request.SET_VRING_ERR: "err",
+}
 
 
 def _close(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
+
+
+def _check_vring_fd(fd: int, what: str) -> None:
+    """Refuse (RequestRejected) a kick/call/err fd that is not a plain eventfd, and make an
+    accepted one non-blocking.
+
+    Nothing else is safe to poll, read and write from the ring path: a pipe or a file can
+    block, stay readable for ever (a pipe at end of file) or fail later; a directory cannot be
+    written at all. fstat cannot tell an eventfd from other anonymous inodes; its /proc link
+    can. A semaphore-mode eventfd gives back one count per read, so a large count would keep
+    the ring's thread waking for nothing. O_NONBLOCK is set on the file description we share
+    with the VMM (QEMU's are non-blocking already): a saturated counter then costs EAGAIN, not
+    a thread or the event loop stuck in write().
+    """
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise RequestRejected(f"{what} fd: cannot tell what it is: {exc.strerror}") from exc
+    if kind != "anon_inode:[eventfd]":
+        raise RequestRejected(f"{what} fd is not an eventfd ({kind})")
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key == "eventfd-semaphore" and value.strip() == "1":
+                    raise RequestRejected(f"{what} fd is a semaphore-mode eventfd")
+        os.set_blocking(fd, False)
+    except OSError as exc:
+        raise RequestRejected(f"{what} fd: {exc.strerror}") from exc
 
 
 @dataclass(eq=False)
@@ -239,6 +273,13 @@ class Connection:
             await self._restart(vring)
 
     async def _set_vring_fd(self, request: Request, vring: Vring, fd: int | None) -> None:
+        if fd is not None:
+            try:
+                _check_vring_fd(fd, _FD_ROLE[request])
+            except RequestRejected:
+                # Refused: the vring keeps the fd it had.
+                os.close(fd)
+                raise
         if request == Request.SET_VRING_KICK:
             if fd is None:
                 raise RequestRejected(
