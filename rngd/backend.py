@@ -24,12 +24,14 @@ from rngd.protocol.constants import MAX_FDS_PER_MESSAGE, Request, VirtioFeatures
 from rngd.protocol.payloads import MemoryRegion
 from rngd.protocol.session import (
     REQUESTS_WITH_REPLY,
+    Event,
     GetVringBase,
     Reply,
     RequestRejected,
     ResetOwner,
     Session,
     SetMemTable,
+    SetVringBase,
     SetVringFd,
     VringChanged,
 )
@@ -83,21 +85,25 @@ def _check_vring_fd(fd: int, what: str) -> None:
 
 @dataclass(eq=False)
 class Vring:
-    """The I/O state of one vring: its eventfds and, while started, its task."""
+    """The run-time state of one vring: its eventfds, where it stands and, while started, its
+    task. (What the VMM configured, size, addresses and enable, is the session's.)
+
+    The protocol task owns it; the vring's task writes `next_avail` once, when it ends, and
+    the protocol task waits for that (`Connection._stop`) before it touches the ring again.
+    A RESET_OWNER or a disconnect replaces the whole object, so nothing of an old run can
+    reach a new owner's ring.
+    """
 
     index: int
     kick_fd: int | None = None
     call: Notifier = field(default_factory=lambda: Notifier("call"))
     err: Notifier = field(default_factory=lambda: Notifier("err"))
-    queue: SplitQueue | None = None
+    #: The next avail index to serve: SET_VRING_BASE's, then wherever the last run stopped.
+    next_avail: int = 0
     scope: trio.CancelScope | None = None
     done: trio.Event = field(default_factory=trio.Event)
     #: Set when the guest broke the ring; it stays stopped until the VMM restarts it.
     broken: bool = False
-
-    @property
-    def running(self) -> bool:
-        return self.scope is not None
 
 
 class Connection:
@@ -145,14 +151,14 @@ class Connection:
         self._drop_resources()
 
     def _drop_resources(self) -> None:
-        """Close every eventfd and unmap the memory (the vring tasks have stopped)."""
+        """Close every eventfd, unmap the memory and start the vrings' run-time state afresh
+        (the vring tasks have stopped)."""
         for vring in self.vrings:
             _close(vring.kick_fd)
             vring.kick_fd = None
             vring.call.replace(None)
             vring.err.replace(None)
-            vring.queue = None
-            vring.broken = False
+        self.vrings = [Vring(i) for i in range(self.session.num_queues)]
         if self.memory is not None:
             self.memory.close()
             self.memory = None
@@ -224,7 +230,7 @@ class Connection:
     async def _apply(
         self,
         message: Message,
-        event: Reply | SetMemTable | SetVringFd | GetVringBase | VringChanged | ResetOwner,
+        event: Event,
     ) -> bytes | None:
         match event:
             case Reply(data):
@@ -233,13 +239,19 @@ class Connection:
                 await self._set_mem_table(regions, fds)
             case SetVringFd(request, index, fd):
                 await self._set_vring_fd(request, self.vrings[index], fd)
+            case SetVringBase(index, base):
+                vring = self.vrings[index]
+                # Stopped first: where the running ring stood must not overwrite the VMM's word.
+                await self._stop(vring)
+                vring.next_avail = base
+                await self._restart(vring)
             case GetVringBase(index):
                 vring = self.vrings[index]
                 await self._stop(vring)
                 # The ring is stopped until the next SET_VRING_KICK starts it again.
                 self._replace_kick(vring, None)
                 vring.broken = False
-                return self.session.vring_base_reply(index, self.session.vrings[index].base)
+                return self.session.vring_base_reply(index, vring.next_avail)
             case VringChanged(index):
                 await self._restart(self.vrings[index])
             case ResetOwner():
@@ -328,21 +340,20 @@ class Connection:
                 config.addr.desc,
                 config.addr.avail,
                 config.addr.used,
-                config.base,
+                vring.next_avail,
                 event_idx=self.session.has_feature(VirtioFeatures.RING_EVENT_IDX),
                 indirect=self.session.has_feature(VirtioFeatures.RING_INDIRECT_DESC),
                 notify_on_empty=self.session.has_feature(VirtioFeatures.NOTIFY_ON_EMPTY),
             )
         except RingError as exc:
             raise RequestRejected(f"vring {vring.index} not started: {exc}") from exc
-        vring.queue = queue
         await self._nursery.start(self._run_vring, vring, queue)
         log.info(
             "%svring %d started (size %d, next avail %d)",
             self.prefix,
             vring.index,
             config.size,
-            config.base,
+            vring.next_avail,
         )
 
     async def _run_vring(
@@ -352,9 +363,6 @@ class Connection:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         assert vring.kick_fd is not None
-        # The configuration this run belongs to: a RESET_OWNER replaces it while the ring
-        # stops, and where this run ended must not leak into the fresh one.
-        config = self.session.vrings[vring.index]
         done = vring.done = trio.Event()
         try:
             with trio.CancelScope() as scope:
@@ -384,8 +392,9 @@ class Connection:
             log.error("%svring %d stopped: %s", self.prefix, vring.index, exc)
             vring.broken = True
         finally:
-            # Where the ring stands is where a restart must resume.
-            config.base = queue.next_avail
+            # Where the ring stands is where a restart must resume. (This run's own Vring: a
+            # RESET_OWNER replaces it, once this task has ended.)
+            vring.next_avail = queue.next_avail
             queue.release()
             vring.scope = None
             done.set()
@@ -405,7 +414,6 @@ class Connection:
         # The task may be between a wake-up and its next checkpoint; wait until it has really
         # stopped touching the ring before anyone reads next_avail or unmaps memory.
         await vring.done.wait()
-        vring.queue = None
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
