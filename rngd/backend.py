@@ -125,6 +125,10 @@ class Connection:
         self.source = source
         self.budget = budget
         self._nursery: trio.Nursery | None = None
+        #: Memory tables and vring starts so far: the first of each is logged at INFO, the
+        #: rest (a VMM may send thousands) at DEBUG and counted once when the connection ends.
+        self._memory_tables = 0
+        self._vring_starts = 0
 
     # --- lifetime ---
 
@@ -146,6 +150,13 @@ class Connection:
             self._release()
 
     def _release(self) -> None:
+        if self._memory_tables > 1 or self._vring_starts > 1:
+            log.info(
+                "%s%d memory tables and %d vring starts on this connection",
+                self.prefix,
+                self._memory_tables,
+                self._vring_starts,
+            )
         self.incident.flush()
         self.reader.close()
         self._drop_resources()
@@ -274,7 +285,9 @@ class Connection:
         old, self.memory = self.memory, new
         if old is not None:
             old.close()
-        log.info(
+        self._memory_tables += 1
+        log.log(
+            logging.INFO if self._memory_tables == 1 else logging.DEBUG,
             "%smemory table: %s",
             self.prefix,
             ", ".join(f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in new.regions),
@@ -348,7 +361,9 @@ class Connection:
         except RingError as exc:
             raise RequestRejected(f"vring {vring.index} not started: {exc}") from exc
         await self._nursery.start(self._run_vring, vring, queue)
-        log.info(
+        self._vring_starts += 1
+        log.log(
+            logging.INFO if self._vring_starts == 1 else logging.DEBUG,
             "%svring %d started (size %d, next avail %d)",
             self.prefix,
             vring.index,
