@@ -24,12 +24,14 @@ from rngd.protocol.constants import MAX_FDS_PER_MESSAGE, Request, VirtioFeatures
 from rngd.protocol.payloads import MemoryRegion
 from rngd.protocol.session import (
     REQUESTS_WITH_REPLY,
+    Event,
     GetVringBase,
     Reply,
     RequestRejected,
     ResetOwner,
     Session,
     SetMemTable,
+    SetVringBase,
     SetVringFd,
     VringChanged,
 )
@@ -40,6 +42,11 @@ log = logging.getLogger(__name__)
 
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+_FD_ROLE = {
+    Request.SET_VRING_KICK: "kick",
+    Request.SET_VRING_CALL: "call",
+    Request.SET_VRING_ERR: "err",
+}
 
 
 def _close(fd: int | None) -> None:
@@ -47,23 +54,56 @@ def _close(fd: int | None) -> None:
         os.close(fd)
 
 
+def _check_vring_fd(fd: int, what: str) -> None:
+    """Refuse (RequestRejected) a kick/call/err fd that is not a plain eventfd, and make an
+    accepted one non-blocking.
+
+    Nothing else is safe to poll, read and write from the ring path: a pipe or a file can
+    block, stay readable for ever (a pipe at end of file) or fail later; a directory cannot be
+    written at all. fstat cannot tell an eventfd from other anonymous inodes; its /proc link
+    can. A semaphore-mode eventfd gives back one count per read, so a large count would keep
+    the ring's thread waking for nothing. O_NONBLOCK is set on the file description we share
+    with the VMM (QEMU's are non-blocking already): a saturated counter then costs EAGAIN, not
+    a thread or the event loop stuck in write().
+    """
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise RequestRejected(f"{what} fd: cannot tell what it is: {exc.strerror}") from exc
+    if kind != "anon_inode:[eventfd]":
+        raise RequestRejected(f"{what} fd is not an eventfd ({kind})")
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key == "eventfd-semaphore" and value.strip() == "1":
+                    raise RequestRejected(f"{what} fd is a semaphore-mode eventfd")
+        os.set_blocking(fd, False)
+    except OSError as exc:
+        raise RequestRejected(f"{what} fd: {exc.strerror}") from exc
+
+
 @dataclass(eq=False)
 class Vring:
-    """The I/O state of one vring: its eventfds and, while started, its task."""
+    """The run-time state of one vring: its eventfds, where it stands and, while started, its
+    task. (What the VMM configured, size, addresses and enable, is the session's.)
+
+    The protocol task owns it; the vring's task writes `next_avail` once, when it ends, and
+    the protocol task waits for that (`Connection._stop`) before it touches the ring again.
+    A RESET_OWNER or a disconnect replaces the whole object, so nothing of an old run can
+    reach a new owner's ring.
+    """
 
     index: int
     kick_fd: int | None = None
     call: Notifier = field(default_factory=lambda: Notifier("call"))
     err: Notifier = field(default_factory=lambda: Notifier("err"))
-    queue: SplitQueue | None = None
+    #: The next avail index to serve: SET_VRING_BASE's, then wherever the last run stopped.
+    next_avail: int = 0
     scope: trio.CancelScope | None = None
     done: trio.Event = field(default_factory=trio.Event)
     #: Set when the guest broke the ring; it stays stopped until the VMM restarts it.
     broken: bool = False
-
-    @property
-    def running(self) -> bool:
-        return self.scope is not None
 
 
 class Connection:
@@ -85,6 +125,10 @@ class Connection:
         self.source = source
         self.budget = budget
         self._nursery: trio.Nursery | None = None
+        #: Memory tables and vring starts so far: the first of each is logged at INFO, the
+        #: rest (a VMM may send thousands) at DEBUG and counted once when the connection ends.
+        self._memory_tables = 0
+        self._vring_starts = 0
 
     # --- lifetime ---
 
@@ -106,19 +150,26 @@ class Connection:
             self._release()
 
     def _release(self) -> None:
+        if self._memory_tables > 1 or self._vring_starts > 1:
+            log.info(
+                "%s%d memory tables and %d vring starts on this connection",
+                self.prefix,
+                self._memory_tables,
+                self._vring_starts,
+            )
         self.incident.flush()
         self.reader.close()
         self._drop_resources()
 
     def _drop_resources(self) -> None:
-        """Close every eventfd and unmap the memory (the vring tasks have stopped)."""
+        """Close every eventfd, unmap the memory and start the vrings' run-time state afresh
+        (the vring tasks have stopped)."""
         for vring in self.vrings:
             _close(vring.kick_fd)
             vring.kick_fd = None
             vring.call.replace(None)
             vring.err.replace(None)
-            vring.queue = None
-            vring.broken = False
+        self.vrings = [Vring(i) for i in range(self.session.num_queues)]
         if self.memory is not None:
             self.memory.close()
             self.memory = None
@@ -190,7 +241,7 @@ class Connection:
     async def _apply(
         self,
         message: Message,
-        event: Reply | SetMemTable | SetVringFd | GetVringBase | VringChanged | ResetOwner,
+        event: Event,
     ) -> bytes | None:
         match event:
             case Reply(data):
@@ -199,13 +250,19 @@ class Connection:
                 await self._set_mem_table(regions, fds)
             case SetVringFd(request, index, fd):
                 await self._set_vring_fd(request, self.vrings[index], fd)
+            case SetVringBase(index, base):
+                vring = self.vrings[index]
+                # Stopped first: where the running ring stood must not overwrite the VMM's word.
+                await self._stop(vring)
+                vring.next_avail = base
+                await self._restart(vring)
             case GetVringBase(index):
                 vring = self.vrings[index]
                 await self._stop(vring)
                 # The ring is stopped until the next SET_VRING_KICK starts it again.
                 self._replace_kick(vring, None)
                 vring.broken = False
-                return self.session.vring_base_reply(index, self.session.vrings[index].base)
+                return self.session.vring_base_reply(index, vring.next_avail)
             case VringChanged(index):
                 await self._restart(self.vrings[index])
             case ResetOwner():
@@ -228,7 +285,9 @@ class Connection:
         old, self.memory = self.memory, new
         if old is not None:
             old.close()
-        log.info(
+        self._memory_tables += 1
+        log.log(
+            logging.INFO if self._memory_tables == 1 else logging.DEBUG,
             "%smemory table: %s",
             self.prefix,
             ", ".join(f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in new.regions),
@@ -239,6 +298,13 @@ class Connection:
             await self._restart(vring)
 
     async def _set_vring_fd(self, request: Request, vring: Vring, fd: int | None) -> None:
+        if fd is not None:
+            try:
+                _check_vring_fd(fd, _FD_ROLE[request])
+            except RequestRejected:
+                # Refused: the vring keeps the fd it had.
+                os.close(fd)
+                raise
         if request == Request.SET_VRING_KICK:
             if fd is None:
                 raise RequestRejected(
@@ -287,21 +353,22 @@ class Connection:
                 config.addr.desc,
                 config.addr.avail,
                 config.addr.used,
-                config.base,
+                vring.next_avail,
                 event_idx=self.session.has_feature(VirtioFeatures.RING_EVENT_IDX),
                 indirect=self.session.has_feature(VirtioFeatures.RING_INDIRECT_DESC),
                 notify_on_empty=self.session.has_feature(VirtioFeatures.NOTIFY_ON_EMPTY),
             )
         except RingError as exc:
             raise RequestRejected(f"vring {vring.index} not started: {exc}") from exc
-        vring.queue = queue
         await self._nursery.start(self._run_vring, vring, queue)
-        log.info(
+        self._vring_starts += 1
+        log.log(
+            logging.INFO if self._vring_starts == 1 else logging.DEBUG,
             "%svring %d started (size %d, next avail %d)",
             self.prefix,
             vring.index,
             config.size,
-            config.base,
+            vring.next_avail,
         )
 
     async def _run_vring(
@@ -311,9 +378,6 @@ class Connection:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         assert vring.kick_fd is not None
-        # The configuration this run belongs to: a RESET_OWNER replaces it while the ring
-        # stops, and where this run ended must not leak into the fresh one.
-        config = self.session.vrings[vring.index]
         done = vring.done = trio.Event()
         try:
             with trio.CancelScope() as scope:
@@ -343,8 +407,9 @@ class Connection:
             log.error("%svring %d stopped: %s", self.prefix, vring.index, exc)
             vring.broken = True
         finally:
-            # Where the ring stands is where a restart must resume.
-            config.base = queue.next_avail
+            # Where the ring stands is where a restart must resume. (This run's own Vring: a
+            # RESET_OWNER replaces it, once this task has ended.)
+            vring.next_avail = queue.next_avail
             queue.release()
             vring.scope = None
             done.set()
@@ -364,7 +429,6 @@ class Connection:
         # The task may be between a wake-up and its next checkpoint; wait until it has really
         # stopped touching the ring before anyone reads next_avail or unmaps memory.
         await vring.done.wait()
-        vring.queue = None
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

@@ -165,7 +165,10 @@ class VringWorker:
         self._stop_fd = stop_fd
         kick = self.kick_fd
         with select.epoll(2) as epoll:
-            epoll.register(kick, select.EPOLLIN | select.EPOLLET)
+            try:
+                epoll.register(kick, select.EPOLLIN | select.EPOLLET)
+            except OSError as exc:  # a regular file, say: it cannot tell when it is kicked
+                raise EventfdError(f"kick fd cannot be watched: {exc.strerror}") from exc
             epoll.register(stop_fd, select.EPOLLIN)
             try:
                 while not self.stopping:

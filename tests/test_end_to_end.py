@@ -17,6 +17,7 @@ import trio
 from rngd.protocol.constants import HeaderFlags, Request, VirtioFeatures
 from rngd.protocol.payloads import VringState
 from rngd.testing import (
+    DESC_F_WRITE,
     BackendDisconnected,
     DaemonProcess,
     DriverQueue,
@@ -226,6 +227,60 @@ async def test_stop_returns_base_and_restart_from_it(sock0: str, source: tuple[s
             assert base == 5
             await vmm.start(queue, base=base)
             assert first + await vmm.read_random(64 * 5) == source[1][: 64 * 10]
+
+
+@pytest.mark.parametrize("base", [0, None], ids=["base_0", "no_set_vring_base"])
+async def test_reset_owner_then_the_new_owner_starts_from_its_own_base(
+    base: int | None, sock0: str, source: tuple[str, bytes]
+) -> None:
+    """The first owner runs the ring to avail index 5, then RESET_OWNER; a new owner on the
+    same connection negotiates again and starts a fresh ring with SET_VRING_BASE 0 (or none:
+    a reset ring starts at 0). The device serves it from index 0 (from 5 it would take the
+    fresh ring's avail index 1 for one running 65532 entries ahead, and stop it as broken),
+    and GET_VRING_BASE reports the new owner's progress: nothing of the old run leaks into
+    the new one."""
+    with trio.fail_after(STEP_TIMEOUT):
+        async with await Frontend.connect(sock0) as vmm:
+            queue = await vmm.start_qemu72(8)
+            first = await read_chunks(queue, 5)
+            assert queue.avail_idx == 5
+            await vmm.reset_owner(need_reply=True)
+            await vmm.handshake()
+            vmm.generation += 1
+            fresh = vmm.prepare_driver(8)
+            await vmm.start(fresh, base=base)
+            again = await read_chunks(fresh, 3)
+            assert fresh.read_used_idx() == 3
+            assert b"".join(u.data for u in first + again) == source[1][: 64 * 8]
+            assert await vmm.get_vring_base(0) == 3
+
+
+async def test_set_vring_base_on_a_running_ring_wins_over_its_progress(
+    sock0: str, source: tuple[str, bytes]
+) -> None:
+    """SET_VRING_BASE while the ring runs (QEMU stops the ring first; a VMM need not): the
+    ring restarts from the VMM's base, not from where the stopped run stood. The ring has
+    served avail slots 0..4; the guest puts two new requests in slots 3 and 4 (the avail
+    index stays 5, so the running ring has nothing new to see) and the VMM says base 3: the
+    device serves slots 3 and 4 again, with the new requests."""
+    with trio.fail_after(STEP_TIMEOUT):
+        async with await Frontend.connect(sock0) as vmm:
+            queue = await vmm.start_qemu72(8)
+            await read_chunks(queue, 5)
+            buffers = []
+            for slot, head in ((3, 6), (4, 7)):
+                gpa = queue.memory.alloc(64, 8)
+                buffers.append(gpa)
+                queue.raw_write_desc(head, gpa, 64, DESC_F_WRITE, 0)
+                queue.raw_write_avail_entry(slot, head)
+            await vmm.set_vring_base(0, 3, need_reply=True)
+            while queue.read_used_elem(4) != (7, 64):
+                await trio.sleep(0.005)
+            assert queue.read_used_elem(3) == (6, 64)
+            assert queue.read_used_idx() == 5
+            got = b"".join(queue.memory.read(gpa, 64) for gpa in buffers)
+            assert got == source[1][64 * 5 : 64 * 7]
+            assert await vmm.get_vring_base(0) == 5
 
 
 # -- several guests ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ this process where only its behaviour is (faster).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -343,6 +344,108 @@ async def test_slow_character_device_is_read_in_a_thread(workdir: str) -> None:
             queue.post(64)
             queue.kick(force=True)
             await vmm.get_features()
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+# -- guest memory that vanishes under a request ---------------------------------------------
+
+
+class Reader:
+    """A guest on another socket reading 64 bytes at a time until cancelled."""
+
+    def __init__(self, vmm: Frontend) -> None:
+        self.vmm = vmm
+        self.reads = 0
+
+    async def run(self) -> None:
+        while True:
+            with trio.fail_after(STEP):
+                assert len(await self.vmm.read_random(64)) == 64
+            self.reads += 1
+            await trio.sleep(0.01)
+
+    async def more(self, count: int = 2) -> None:
+        target = self.reads + count
+        with trio.fail_after(STEP):
+            while self.reads < target:
+                await trio.sleep(0.01)
+
+
+async def feed(master: int) -> None:
+    """Keep a raw pty's reader supplied (64 bytes every 10 ms) until cancelled."""
+    while True:
+        with contextlib.suppress(BlockingIOError):
+            os.write(master, os.urandom(64))
+        await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("source_kind", ["urandom", "pumped_device"])
+async def test_guest_memory_shrunk_under_a_request(source_kind: str, workdir: str) -> None:
+    """A VMM truncates a region's memfd after SET_MEM_TABLE, and the guest posts a buffer in
+    the part that is gone. Bytes enter guest memory only through readv, so the fill fails
+    with EFAULT (never SIGBUS, which would kill the daemon): that ring stops, its err fd is
+    signalled, one line is logged; the daemon lives on, the other guest is served
+    throughout, the ring answers GET_VRING_BASE (the request was not consumed) and the
+    socket serves the next VMM. Both ways bytes reach guest memory are covered: a source
+    read directly (/dev/urandom) and a character device read through the pump's pipe (a raw
+    pty, fed here)."""
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        filename = "/dev/urandom" if source_kind == "urandom" else os.ttyname(slave)
+        async with (
+            daemon_process(
+                os.path.join(workdir, "rng.sock"),
+                socket_count=2,
+                filename=filename,
+                log_level="info",
+            ) as daemon,
+            await Frontend.connect(daemon.socket_paths[0]) as vmm,
+            await Frontend.connect(daemon.socket_paths[1]) as other,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(feed, master)
+            with trio.fail_after(STEP):
+                queue = await vmm.start_qemu72(4)
+                await other.start_qemu72(4)
+                assert len(await vmm.read_random(64)) == 64
+            reader = Reader(other)
+            nursery.start_soon(reader.run)
+            await reader.more()
+            # The rings live in region 1 and stay; region 0 loses its upper half.
+            memory = queue.memory
+            for part in (queue.desc_table, queue.avail_ring, queue.used_ring):
+                assert memory.regions[1].contains(part, 1)
+            gone = memory.regions[0].spec.memory_size // 2
+            os.ftruncate(memory.regions[0].fd, gone)
+            # From here on this process must not touch region 0's upper half either.
+            bad = queue.avail_idx
+            queue.raw_post_buffer(queue.size - 1, memory.regions[0].spec.guest_phys_addr + gone, 64)
+            queue.kick(force=True)
+            assert vmm.err_fd is not None
+            with trio.fail_after(STEP):
+                await trio.lowlevel.wait_readable(vmm.err_fd)
+            assert os.eventfd_read(vmm.err_fd) == 1
+            await reader.more()
+            # Stopped: another kick finds no ring to serve, and logs nothing more.
+            queue.kick(force=True)
+            with trio.fail_after(STEP):
+                await vmm.get_features()
+                assert await vmm.get_vring_base(0) == bad
+            await reader.more()
+            lines = [line for line in daemon.log().splitlines() if "vanished" in line]
+            assert len(lines) == 1 and "rng.sock0: vring 0 stopped" in lines[0], lines
+            assert "Traceback" not in daemon.log()
+            await vmm.aclose()
+            with trio.fail_after(STEP):
+                async with await Frontend.connect(daemon.socket_paths[0]) as again:
+                    await again.start_qemu72(4)
+                    assert len(await again.read_random(64)) == 64
+            await reader.more()
+            nursery.cancel_scope.cancel()
     finally:
         os.close(master)
         os.close(slave)

@@ -578,3 +578,22 @@ async def test_message_incidents_rate_limited(
             assert len(incident_lines(caplog)) == 10
             await vmm.start(queue_size=4)
             assert len(await vmm.read_random(64)) == 64
+
+
+async def test_repeated_memory_tables_log_a_bounded_handful(
+    socks: list[str], source: tuple[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """1,000 valid SET_MEM_TABLE on a running ring (each a new mapping and a ring restart):
+    at INFO level a handful of lines for the whole connection, not two per message. The ring
+    serves on the last table."""
+    caplog.set_level(logging.INFO, logger="rngd")
+    with trio.fail_after(60):
+        async with await Frontend.connect(socks[0]) as vmm:
+            queue = await vmm.start_qemu72(4)
+            for _ in range(1000):
+                await vmm.set_mem_table(queue.memory, need_reply=True)
+            assert await queue.read_random(64) == source[1][:64]
+        # The daemon has let the connection go once it answers the next one on the socket.
+        await settled_fd_count(socks[0])
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("rngd")]
+    assert len(lines) <= 8, lines

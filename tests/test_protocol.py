@@ -35,6 +35,7 @@ from rngd.protocol.session import (
     RequestRejected,
     Session,
     SetMemTable,
+    SetVringBase,
     SetVringFd,
     VringChanged,
 )
@@ -284,6 +285,17 @@ def test_get_vring_base_event_and_reply() -> None:
     reply = session.vring_base_reply(0, 77)
     assert decode_header(reply[:12]) == (Request.GET_VRING_BASE, 1 | HeaderFlags.REPLY, 8)
     assert VringState(*struct.unpack("<II", reply[12:])) == VringState(0, 77)
+
+
+def test_set_vring_base_is_an_event_not_configuration() -> None:
+    """Where a ring stands is run-time state (the running ring moves it): the session hands
+    the VMM's base to the I/O layer and keeps no copy that could go stale."""
+    session = negotiated()
+    event = session.handle(msg(Request.SET_VRING_BASE, VringState(0, 0xFFFF).encode()))
+    assert event == SetVringBase(0, 0xFFFF)
+    assert not hasattr(session.vrings[0], "base")
+    with pytest.raises(RequestRejected, match="16-bit"):
+        session.handle(msg(Request.SET_VRING_BASE, VringState(0, 0x10000).encode()))
 
 
 def test_wrong_payload_sizes_refused() -> None:

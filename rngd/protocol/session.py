@@ -62,10 +62,14 @@ _REQUEST_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)
 
 @dataclass
 class VringConfig:
-    """What the front-end has told us about one vring (addresses are not yet translated)."""
+    """What the front-end has told us about one vring (addresses are not yet translated).
+
+    Where the ring stands (its next avail index) is not configuration: SET_VRING_BASE sets it
+    and the running ring moves it, so the I/O layer keeps it with the ring's other run-time
+    state (see `SetVringBase`).
+    """
 
     size: int = 0
-    base: int = 0
     addr: VringAddr | None = None
     enabled: bool = False
 
@@ -97,13 +101,22 @@ class SetVringFd:
 
 
 @dataclass(frozen=True)
+class SetVringBase:
+    """The ring's next avail index is `base` from now on (the I/O layer stops the ring first,
+    so that where a running ring stood does not overwrite it, then starts it from there)."""
+
+    index: int
+    base: int
+
+
+@dataclass(frozen=True)
 class GetVringBase:
     index: int
 
 
 @dataclass(frozen=True)
 class VringChanged:
-    """Size, base, addresses or enable state changed: the I/O layer may start or stop a ring."""
+    """Size, addresses or enable state changed: the I/O layer may start or stop a ring."""
 
     index: int
 
@@ -113,7 +126,7 @@ class ResetOwner:
     pass
 
 
-Event = Reply | SetMemTable | SetVringFd | GetVringBase | VringChanged | ResetOwner
+Event = Reply | SetMemTable | SetVringFd | SetVringBase | GetVringBase | VringChanged | ResetOwner
 
 
 @dataclass
@@ -149,7 +162,6 @@ class Session:
         return None
 
     def vring_base_reply(self, index: int, next_avail: int) -> bytes:
-        self.vrings[index].base = next_avail
         return encode_reply(Request.GET_VRING_BASE, VringState(index, next_avail).encode())
 
     # --- dispatch ---
@@ -249,11 +261,10 @@ class Session:
 
     def _on_set_vring_base(self, message: Message) -> Event:
         state = VringState.decode(message)
-        vring = self._vring(state.index, message)
+        self._vring(state.index, message)
         if state.num > 0xFFFF:
             raise RequestRejected(f"SET_VRING_BASE {state.num} is not a 16-bit ring index")
-        vring.base = state.num
-        return VringChanged(state.index)
+        return SetVringBase(state.index, state.num)
 
     def _on_set_vring_addr(self, message: Message) -> Event:
         addr = VringAddr.decode(message)

@@ -377,9 +377,12 @@ class Frontend:
         event_idx: bool = True,
         indirect: bool = True,
         queue_size: int = 4,
-        base: int = 0,
+        base: int | None = 0,
     ) -> DriverQueue:
-        """The guest driver starts the device: QEMU 7.2's vhost_dev_start sequence."""
+        """The guest driver starts the device: QEMU 7.2's vhost_dev_start sequence.
+
+        ``base`` None leaves SET_VRING_BASE out (the back-end's own idea of the base holds).
+        """
         if queue is None:
             queue = self.prepare_driver(queue_size, event_idx=event_idx)
         if queue.event_idx != event_idx:
@@ -416,7 +419,8 @@ class Frontend:
         if old_memory is not None and old_memory is not queue.memory:
             old_memory.close()
         await self.set_vring_num(index, queue.size)
-        await self.set_vring_base(index, base)
+        if base is not None:
+            await self.set_vring_base(index, base)
         await self.set_vring_addr(queue.vring_addr())
         os.write(self.kick_fd, (1).to_bytes(8, "little"))
         await self.set_vring_kick(index, self.kick_fd)
