@@ -193,7 +193,8 @@ class VringWorker:
         while True:
             pending = queue.pending()
             if pending:
-                self.serve_batch(pending)
+                if pending > 1 or not self.serve_one():
+                    self.serve_batch(pending)
                 if self.stopping:
                     raise _Stopped
                 self.flush()
@@ -204,6 +205,26 @@ class VringWorker:
         """Publish the completions made so far; interrupt the guest if it wants to hear."""
         if self.queue.publish():
             self.call.signal()
+
+    def serve_one(self) -> bool:
+        """The Linux driver's request, alone in the ring: one plain buffer seen before, and
+        unlimited credit. `serve_batch`'s steps without its lists, for the request a guest
+        waits on; False, with nothing done, for anything else."""
+        queue = self.queue
+        head = queue.heads(1)[0]
+        chain = queue.cached_chain(head)
+        if chain is None or self.credit_until != math.inf:
+            return False
+        segment = chain[0]
+        if segment.length > MAX_REQUEST_BYTES:
+            return False
+        assert segment.buffer is not None
+        iov = [segment.buffer]
+        count = self.source.read(iov)
+        if count <= 0:
+            count = self.wait_for_source(iov, count)
+        queue.put_used(head, count)
+        return True
 
     def serve_batch(self, pending: int) -> None:
         """Serve up to `pending` requests (fewer if the budget or a batch's bounds say so)."""
@@ -269,7 +290,7 @@ class VringWorker:
                 break  # a short read: this one waits for the next batch
             count -= written
             lengths.append(written)
-        queue.put_used(heads, lengths)
+        queue.put_used_many(heads, lengths)
 
     def take_credit(self, want: int) -> int:
         """Up to `want` bytes of budget: from the credit held, else from the scheduler."""

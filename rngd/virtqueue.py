@@ -176,6 +176,11 @@ class SplitQueue:
             del heads[bad:]
         return heads
 
+    def cached_chain(self, head: int) -> list[Segment] | None:
+        """The chain at `head` if it is one plain writable descriptor seen before (validated
+        then), else None: the Linux driver's request at the cost of one unpack and a lookup."""
+        return self._simple.get(DESC.unpack_from(self._desc, 16 * head))
+
     def chain(self, head: int) -> list[Segment]:
         """The writable buffers of the chain at `head`, in order, validated.
 
@@ -243,9 +248,17 @@ class SplitQueue:
 
     # --- used side ---
 
-    def put_used(self, heads: list[int], lengths: list[int]) -> None:
-        """Return the next `len(lengths)` requests, `heads[i]` with `lengths[i]` bytes written,
-        consuming their avail slots; the driver sees them at the next `publish_used`."""
+    def put_used(self, head: int, length: int) -> None:
+        """Return the next request, `head`, with `length` bytes written, consuming its avail
+        slot; the driver sees it at the next `publish_used`."""
+        slot = 2 * (self.next_used % self.size)
+        self._used_elems[slot] = head
+        self._used_elems[slot + 1] = length
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+
+    def put_used_many(self, heads: list[int], lengths: list[int]) -> None:
+        """`put_used` for the next `len(lengths)` requests: `heads[i]` with `lengths[i]`."""
         elems, size, slot = self._used_elems, self.size, self.next_used
         for head, length in zip(heads, lengths, strict=False):
             index = 2 * (slot % size)
@@ -269,8 +282,8 @@ class SplitQueue:
         return self._interrupt_wanted()
 
     def complete(self, head: int, length: int) -> None:
-        """Return one request: `put_used` and `publish_used` in one."""
-        self.put_used([head], [length])
+        """`put_used` and `publish_used` in one."""
+        self.put_used(head, length)
         self.publish_used()
 
     def arm(self) -> bool:

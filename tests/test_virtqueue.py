@@ -216,8 +216,8 @@ def test_heads_wrap_around_the_ring_and_stop_before_a_bad_one(memory: GuestMemor
     post(memory, 3, 4, 5, 6)  # slots 6, 7, then 0, 1
     assert q.heads(4) == [3, 4, 5, 6]
     post(memory, 1, SIZE, 2)  # a head out of range after a good one
-    q.put_used([3, 4, 5, 6], [1, 1, 1, 1])
+    q.put_used_many([3, 4, 5, 6], [1, 1, 1, 1])
     assert q.heads(3) == [1]
-    q.put_used([1], [1])
+    q.put_used_many([1], [1])
     with pytest.raises(RingError, match="names descriptor"):
         q.heads(2)
