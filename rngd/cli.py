@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import sys
 from typing import Annotated
@@ -158,6 +159,10 @@ def run(
     )
     block_stop_signals()
     daemon = Daemon(config)
+    # Everything made so far (the interpreter's, trio's, typer's objects) lives as long as the
+    # daemon: keep it out of the collector's full passes, which would otherwise walk all of it
+    # now and then in the middle of some guest's request.
+    gc.freeze()
     try:
         trio.run(run_daemon, daemon)
     finally:
