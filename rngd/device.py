@@ -88,10 +88,11 @@ class Notifier:
 
     def signal(self) -> None:
         with self._lock:
-            if self._fd is None:
+            fd = self._fd
+            if fd is None:
                 return
             try:
-                os.write(self._fd, _ONE)
+                os.write(fd, _ONE)
             except BlockingIOError:
                 pass  # the counter is saturated: the VMM has a wake-up pending anyway
             except OSError as exc:
@@ -211,7 +212,7 @@ class VringWorker:
         unlimited credit. `serve_batch`'s steps without its lists, for the request a guest
         waits on; False, with nothing done, for anything else."""
         queue = self.queue
-        head = queue.heads(1)[0]
+        head = queue.head()
         chain = queue.cached_chain(head)
         if chain is None or self.credit_until != math.inf:
             return False

@@ -276,9 +276,17 @@ class SplitQueue:
             self._used[1] = self._published_used = self.next_used
 
     def publish(self) -> bool:
-        """`publish_used`, then whether the driver wants an interrupt for what it now sees."""
-        self.publish_used()
-        fence()  # used idx must be visible before we read the driver's suppression state
+        """`publish_used`, then whether the driver wants an interrupt for what it now sees.
+        (The steps are written out: this is on the path of every request.)"""
+        new = self.next_used
+        if self._published_used != new:
+            if not _STORES_ORDERED:
+                fence()
+            self._used[1] = self._published_used = new
+        if self._signalled_used == new:
+            return False
+        with _FENCE:  # used idx must be visible before we read the driver's suppression state
+            pass
         return self._interrupt_wanted()
 
     def complete(self, head: int, length: int) -> None:
