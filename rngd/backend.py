@@ -36,6 +36,7 @@ from rngd.protocol.session import (
     VringChanged,
 )
 from rngd.source import EntropySource, GuestMemoryFault, SourceError
+from rngd.threads import ThreadStartError
 from rngd.virtqueue import RingError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -401,9 +402,10 @@ class Connection:
         except EventfdError as exc:
             self.incident("vring %d stopped: %s", vring.index, exc)
             vring.broken = True
-        except SourceError as exc:
-            # The source is shared; its failure is the host's problem, not this guest's. Stop
-            # this ring (the VMM can restart it) rather than take the connection down.
+        except (SourceError, ThreadStartError) as exc:
+            # The source is shared, fds are the host's: their failure is the host's problem,
+            # not this guest's. Stop this ring (the VMM can restart it) rather than take the
+            # connection down.
             log.error("%svring %d stopped: %s", self.prefix, vring.index, exc)
             vring.broken = True
         finally:

@@ -19,6 +19,10 @@ import trio
 T = TypeVar("T")
 
 
+class ThreadStartError(Exception):
+    """The host is out of what a worker thread needs (fds, at its limit)."""
+
+
 async def run_owned_thread(
     fn: Callable[[int], T], *, name: str, on_stop: Callable[[], None] | None = None
 ) -> T:
@@ -29,7 +33,10 @@ async def run_owned_thread(
     back into this task with `trio.from_thread.run` (e.g. to park on the bandwidth budget);
     cancellation reaches such a call as `trio.Cancelled`.
     """
-    stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    except OSError as exc:  # EMFILE: the daemon is at its fd limit
+        raise ThreadStartError(f"cannot make a stop eventfd: {exc.strerror}") from exc
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_when_cancelled, stop, on_stop)
