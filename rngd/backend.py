@@ -402,12 +402,15 @@ class Connection:
         except EventfdError as exc:
             self.incident("vring %d stopped: %s", vring.index, exc)
             vring.broken = True
-        except (SourceError, ThreadStartError) as exc:
-            # The source is shared, fds are the host's: their failure is the host's problem,
-            # not this guest's. Stop this ring (the VMM can restart it) rather than take the
-            # connection down.
+        except SourceError as exc:
+            # The source is shared; its failure is the host's problem, not this guest's. Stop
+            # this ring (the VMM can restart it) rather than take the connection down.
             log.error("%svring %d stopped: %s", self.prefix, vring.index, exc)
             vring.broken = True
+        except ThreadStartError as exc:
+            # The host is short of fds: the ring waits for the VMM's next word on it (a new
+            # kick fd, an enable) to try again.
+            log.error("%svring %d stopped: %s", self.prefix, vring.index, exc)
         finally:
             # Where the ring stands is where a restart must resume. (This run's own Vring: a
             # RESET_OWNER replaces it, once this task has ended.)

@@ -5,7 +5,7 @@ chain's length from the bandwidth budget, read that many bytes from the entropy 
 into guest memory, and return the chain on the used ring with the count written.
 
 Each running vring has a trio task (`serve_vring`) that owns a worker thread (`VringWorker`).
-The thread does the steady-state work without trio: it blocks in poll() on the kick eventfd,
+The thread does the steady-state work without trio: it blocks in epoll on the kick eventfd,
 drains the ring in batches (one budget grant, one `readv` per batch, one used-index store, one
 interrupt decision) and signals the call eventfd. A trio wake-up per kick would cost several
 times the request itself. The bandwidth scheduler stays single-threaded in trio: the thread
@@ -26,7 +26,7 @@ import trio
 
 from rngd.incidents import IncidentLog
 from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
-from rngd.threads import run_owned_thread
+from rngd.threads import ThreadStartError, run_owned_thread
 from rngd.virtqueue import ChainError, Segment, SplitQueue
 
 #: Largest fill of one request. virtio-rng lets the device return fewer bytes than offered; a
@@ -112,7 +112,7 @@ async def serve_vring(
     """The kick-handler task of one vring: serve it in a worker thread until cancelled.
 
     Raises what stops the ring for good: RingError (the guest broke it), EventfdError,
-    GuestMemoryFault, SourceError.
+    GuestMemoryFault, SourceError, ThreadStartError.
     """
     worker = VringWorker(queue, source, budget, kick_fd, call, incident)
 
@@ -165,7 +165,11 @@ class VringWorker:
         """
         self._stop_fd = stop_fd
         kick = self.kick_fd
-        with select.epoll(2) as epoll:
+        try:
+            epoll = select.epoll(2)
+        except OSError as exc:  # EMFILE: the daemon is at its fd limit
+            raise ThreadStartError(f"cannot make the ring's epoll: {exc.strerror}") from exc
+        with epoll:
             try:
                 epoll.register(kick, select.EPOLLIN | select.EPOLLET)
             except OSError as exc:  # a regular file, say: it cannot tell when it is kicked

@@ -596,6 +596,51 @@ async def test_out_of_fds_accept_backs_off_and_guests_keep_their_service(
             await vmm.aclose()
 
 
+async def test_out_of_fds_when_a_ring_starts_stops_that_ring_only(
+    workdir: str, source: tuple[str, bytes]
+) -> None:
+    """Behaviour: a ring started while the daemon is at its fd limit cannot get what its
+    worker thread needs (a stop eventfd, an epoll). That ring stops with one line, no
+    traceback; the connection answers on, and once fds are free again a new SET_VRING_KICK
+    starts the ring where it stood. (A SET_VRING_KICK that arrives at the limit is refused
+    before that: checking the fd is an eventfd takes an fd too.)
+
+    The daemon is a subprocess whose soft RLIMIT_NOFILE, lowered while the ring is disabled,
+    leaves room for one fd: the stop eventfd gets it, the epoll none."""
+    async with (
+        daemon_process(
+            os.path.join(workdir, "rng.sock"), filename=source[0], log_level="info"
+        ) as daemon,
+        await Frontend.connect(daemon.socket_paths[0]) as vmm,
+    ):
+        with trio.fail_after(4 * STEP):
+            queue = await vmm.start_qemu72(4)
+            got = await queue.read_random(64)
+            await vmm.set_vring_enable(0, False)
+            await vmm.get_features()  # the ring has stopped: its fds are closed
+            limits = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(
+                daemon.pid, resource.RLIMIT_NOFILE, (lowest_free_fd(daemon.pid) + 1, limits[1])
+            )
+            await vmm.set_vring_enable(0, True)
+            while "vring 0 stopped" not in daemon.log():
+                assert await vmm.get_features()
+                await trio.sleep(0.01)
+            resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, limits)
+            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                await vmm.set_vring_kick(0, kick, need_reply=True)
+                queue.kick_fd = kick
+                got += await queue.read_random(64)
+            finally:
+                os.close(kick)
+        assert got == source[1][:128]
+        log = daemon.log()
+        assert log.count("vring 0 stopped") == 1, log
+        assert "cannot make the ring's epoll: Too many open files" in log, log
+        assert "Traceback" not in log, log
+
+
 async def _failing_first(
     errnos: list[int], accept: Callable[[], Awaitable[trio.socket.SocketType]]
 ) -> trio.socket.SocketType:
