@@ -42,24 +42,8 @@ class GuestMemory:
         self._regions = list(regions)
         # Two address spaces index the same regions: descriptors hold guest-physical
         # addresses, SET_VRING_ADDR the VMM's own virtual ones.
-        self._gpa: list[_Range] = [
-            (
-                r.spec.guest_phys_addr,
-                r.spec.guest_phys_addr + r.spec.memory_size,
-                r.view,
-                r.spec.mmap_offset,
-            )
-            for r in self._regions
-        ]
-        self._uva: list[_Range] = [
-            (
-                r.spec.userspace_addr,
-                r.spec.userspace_addr + r.spec.memory_size,
-                r.view,
-                r.spec.mmap_offset,
-            )
-            for r in self._regions
-        ]
+        self._gpa = [_range(r, r.spec.guest_phys_addr) for r in self._regions]
+        self._uva = [_range(r, r.spec.userspace_addr) for r in self._regions]
 
     @classmethod
     def map(cls, specs: Sequence[MemoryRegion], fds: Sequence[int]) -> GuestMemory:
@@ -97,6 +81,10 @@ class GuestMemory:
         for region in self._regions:
             _unmap(region)
         self._regions.clear()
+
+
+def _range(region: MappedRegion, start: int) -> _Range:
+    return (start, start + region.spec.memory_size, region.view, region.spec.mmap_offset)
 
 
 def _map_region(spec: MemoryRegion, fd: int) -> MappedRegion:
