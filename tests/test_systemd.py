@@ -329,3 +329,34 @@ async def test_under_real_systemd_socket_activate(workdir: str, source: tuple[st
             log = daemon.log()
         assert "inherited from systemd" in log and "vm1.sock: VMM connected" in log, log
         assert all(os.path.exists(path) for path in paths)  # not ours to remove
+
+
+@pytest.mark.skipif(
+    not os.access("/usr/bin/systemd-analyze", os.X_OK),
+    reason="/usr/bin/systemd-analyze missing (Debian package systemd; scripts/test installs it)",
+)
+def test_contrib_units_verify(workdir: str) -> None:
+    """systemd itself checks the example units: every directive known, every value valid."""
+    contrib = os.path.join(os.path.dirname(__file__), "..", "contrib", "systemd")
+    # ExecStart= must name an executable that exists: the one this suite runs.
+    program = os.path.join(os.path.dirname(sys.executable), "vhost-device-rng")
+    for unit in ("rngd@.socket", "rngd@.service"):
+        with open(os.path.join(contrib, unit)) as f:
+            text = f.read()
+        with open(os.path.join(workdir, unit), "w") as f:
+            f.write(text.replace("/usr/local/bin/vhost-device-rng", program))
+    result = subprocess.run(
+        [
+            "/usr/bin/systemd-analyze",
+            "verify",
+            "--man=no",
+            os.path.join(workdir, "rngd@vms.socket"),
+            os.path.join(workdir, "rngd@vms.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=workdir,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
