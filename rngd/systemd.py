@@ -66,10 +66,15 @@ def inherited_sockets(
         if names is not None:
             log.warning("LISTEN_FDNAMES has %d names for %d fds: ignored", len(fd_names), n)
         fd_names = [""] * n
-    return [
+    inherited = [
         InheritedSocket(fd, name)
         for fd, name in zip(range(LISTEN_FDS_START, LISTEN_FDS_START + n), fd_names, strict=True)
     ]
+    log.debug(
+        "socket activation: %s",
+        ", ".join(f"fd {s.fd}" + (f" ({s.name})" if s.name else "") for s in inherited) or "no fds",
+    )
+    return inherited
 
 
 def check_listening(fd: int) -> None:
