@@ -56,7 +56,8 @@ def _octal(value: str) -> int:
 
 @app.command(
     help="vhost-user VirtIO RNG back-end: serves random bytes from FILENAME to guests "
-    "through vhost-user sockets PATH0 .. PATH<count-1>."
+    "through vhost-user sockets PATH0 .. PATH<count-1>, or through the listening sockets "
+    "systemd passes (socket activation, LISTEN_FDS)."
 )
 def run(
     socket_path: Annotated[
@@ -75,8 +76,15 @@ def run(
         ),
     ] = "/dev/urandom",
     socket_count: Annotated[
-        int, typer.Option("-c", "--socket-count", help="Number of guests (sockets) to serve.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "-c",
+            "--socket-count",
+            help="Number of guests (sockets) to serve (default: 1, or the number of sockets "
+            "systemd passes).",
+            show_default=False,
+        ),
+    ] = None,
     period: Annotated[
         int,
         typer.Option(
@@ -140,15 +148,17 @@ def run(
 ) -> None:
     from rngd.daemon import Daemon, block_stop_signals
     from rngd.daemon import run as run_daemon
+    from rngd.systemd import inherited_sockets
 
     logging.basicConfig(
         level=log_level.value.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    listen_fds = tuple(inherited.fd for inherited in inherited_sockets())
     config = DaemonConfig(
         socket_path=socket_path or "",
-        socket_count=socket_count,
+        socket_count=socket_count if socket_count is not None else len(listen_fds) or 1,
         filename=filename,
         period_ms=period,
         max_bytes=max_bytes,
@@ -156,6 +166,7 @@ def run(
         socket_mode=_octal(socket_mode),
         socket_group=socket_group,
         connected_fd=fd,
+        listen_fds=listen_fds,
     )
     block_stop_signals()
     daemon = Daemon(config)

@@ -29,6 +29,9 @@ class DaemonConfig:
     #: Serve this already-connected socket (`--fd`, the vhost-user back-end convention)
     #: instead of listening on `socket_path`; the daemon exits when it disconnects.
     connected_fd: int | None = None
+    #: Listening sockets systemd passed us (socket activation, `LISTEN_FDS`), served as
+    #: guests 0..n-1 instead of sockets created at `socket_path`.
+    listen_fds: tuple[int, ...] = ()
 
     def socket_paths(self) -> list[str]:
         return [f"{self.socket_path}{i}" for i in range(self.socket_count)]
@@ -53,6 +56,9 @@ class DaemonConfig:
             raise ConfigError(f"--share must be 'split' or 'fair', not {self.share!r}")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(f"--socket-mode {self.socket_mode:o} is not a permission mode")
+        if self.listen_fds:
+            self._validate_listen_fds()
+            return
         if self.connected_fd is not None:
             self._validate_connected_fd()
             return
@@ -82,3 +88,20 @@ class DaemonConfig:
             raise ConfigError(f"--fd {fd} is not an open file descriptor") from None
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"--fd {fd} is not a socket")
+
+    def _validate_listen_fds(self) -> None:
+        n = len(self.listen_fds)
+        if self.socket_path:
+            raise ConfigError(
+                f"--socket-path and the {n} sockets inherited from systemd (LISTEN_FDS) "
+                "exclude each other; drop --socket-path"
+            )
+        if self.connected_fd is not None:
+            raise ConfigError(
+                f"--fd and the {n} sockets inherited from systemd (LISTEN_FDS) exclude each other"
+            )
+        if self.socket_count != n:
+            raise ConfigError(
+                f"--socket-count {self.socket_count} does not match the {n} sockets inherited "
+                "from systemd (LISTEN_FDS); omit it or make it match"
+            )

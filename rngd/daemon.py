@@ -4,7 +4,8 @@ Structure (the design card): a root nursery owns one task per socket (`SocketSer
 which accepts all the time; the connection it serves runs in a child nursery
 (`Connection.run`) holding its protocol task and kick-handler tasks. A connection that arrives
 while the socket's VMM is still there is closed at once. Cancelling the root nursery
-(SIGINT/SIGTERM) unwinds everything; the socket files are removed on the way out.
+(SIGINT/SIGTERM) unwinds everything; the socket files are removed on the way out (not those
+of sockets inherited from systemd, which we did not create).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rngd.config import ConfigError, DaemonConfig
 from rngd.device import Budget
 from rngd.incidents import IncidentLog
 from rngd.source import EntropySource, SourceError
+from rngd.systemd import Notifier, check_listening, socket_address
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +76,14 @@ ACCEPT_RETRY = 0.1
 class Listener:
     path: str
     sock: socket.socket
-    #: Identity of the socket file we created, so we never unlink someone else's.
-    inode: tuple[int, int]
+    #: Identity of the socket file we created, so we never unlink someone else's; None for
+    #: a socket inherited from systemd, whose file is never ours to remove.
+    inode: tuple[int, int] | None
 
     def remove(self) -> None:
         self.sock.close()
+        if self.inode is None:
+            return
         with contextlib.suppress(OSError):
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self.inode:
@@ -144,6 +149,20 @@ def bind_listeners(config: DaemonConfig) -> list[Listener]:
     return listeners
 
 
+def adopt_listeners(config: DaemonConfig) -> list[Listener]:
+    """The sockets systemd passed us (`config.listen_fds`), each checked to be a listening
+    Unix stream socket: raises ConfigError naming the first that is not."""
+    config.validate()
+    for fd in config.listen_fds:
+        check_listening(fd)
+    listeners = []
+    for fd in config.listen_fds:
+        os.set_inheritable(fd, False)  # as sd_listen_fds: not passed on to any child
+        sock = socket.socket(fileno=fd)
+        listeners.append(Listener(socket_address(sock), sock, None))
+    return listeners
+
+
 class Daemon:
     """The daemon's resources: created synchronously, so that every configuration error is
     reported (and the process can exit) before the event loop starts or a guest connects."""
@@ -157,8 +176,14 @@ class Daemon:
             raise ConfigError(str(exc)) from exc
         self.listeners: list[Listener] = []
         self.connected: socket.socket | None = None
+        #: Tells systemd (Type=notify) when we are ready, how many guests are connected and
+        #: when we stop; a no-op without $NOTIFY_SOCKET.
+        self.notifier = Notifier.from_environment()
+        self.guests = 0
         try:
-            if config.connected_fd is not None:
+            if config.listen_fds:
+                self.listeners = adopt_listeners(config)
+            elif config.connected_fd is not None:
                 self.connected = socket.socket(fileno=config.connected_fd)
             else:
                 self.listeners = bind_listeners(config)
@@ -187,6 +212,7 @@ class Daemon:
             root.start_soon(self.source.run)
             if self.connected is not None:
                 task_status.started([])
+                self.notifier.notify("READY=1\nSTATUS=serving the connected socket")
                 name = f"fd{config.connected_fd}"
                 log.info("%s: serving the connected socket (%s)", name, _peer(self.connected))
                 sock = trio.socket.from_stdlib_socket(self.connected)
@@ -199,17 +225,27 @@ class Daemon:
                     functools.partial(_accept, trio.socket.from_stdlib_socket(listener.sock)),
                     self.source,
                     self.scheduler.guest(index),
+                    self._guest_count,
                 )
                 root.start_soon(server.run)
             log.info(
-                "listening on %s (source %s, %s)",
+                "listening on %s%s (source %s, %s)",
                 ", ".join(self.paths),
+                " (inherited from systemd)" if config.listen_fds else "",
                 config.filename,
                 "unlimited"
                 if config.max_bytes is None
                 else f"{config.max_bytes} bytes per {config.period_ms} ms, {config.share} share",
             )
             task_status.started(self.paths)
+            self.notifier.notify(f"READY=1\nSTATUS={self._status()}")
+
+    def _status(self) -> str:
+        return f"{self.guests} of {len(self.listeners)} guests connected"
+
+    def _guest_count(self, change: int) -> None:
+        self.guests += change
+        self.notifier.notify(f"STATUS={self._status()}")
 
     def close(self) -> None:
         """Remove the socket files and close the source."""
@@ -218,6 +254,7 @@ class Daemon:
         if self.connected is not None:
             self.connected.close()
         self.source.close()
+        self.notifier.close()
 
 
 async def serve(
@@ -277,11 +314,20 @@ class SocketServer:
     `ACCEPT_RETRY` seconds until accept() works again. Guests already connected go on.
     """
 
-    def __init__(self, name: str, accept: Accept, source: EntropySource, budget: Budget) -> None:
+    def __init__(
+        self,
+        name: str,
+        accept: Accept,
+        source: EntropySource,
+        budget: Budget,
+        on_guests: Callable[[int], None] | None = None,
+    ) -> None:
         self.name = name
         self.accept = accept
         self.source = source
         self.budget = budget
+        #: Told +1 when a VMM's connection is served, -1 when it ends.
+        self.on_guests = on_guests
         #: The connection served, or the last one queued behind it.
         self.current: _Served | None = None
         self.refusals = IncidentLog(log, f"{name}: ")
@@ -345,11 +391,16 @@ class SocketServer:
                     await served.after.done.wait()
                     served.after = None  # or every connection would keep its predecessors
                 log.info("%s: VMM connected (%s)", self.name, served.peer)
+                if self.on_guests is not None:
+                    self.on_guests(1)
                 try:
                     await Connection(served.sock, self.name, self.source, self.budget).run()
                 except Exception:
                     # A bug must cost one connection, never the daemon and its other guests.
                     log.exception("%s: connection failed; accepting the next VMM", self.name)
+                finally:
+                    if self.on_guests is not None:
+                        self.on_guests(-1)
             finally:
                 if self.current is served:
                     self.current = None
@@ -392,11 +443,13 @@ async def run(daemon: Daemon) -> None:
 
                 async def serve_then_stop() -> None:
                     await daemon.serve()  # returns only when a --fd connection ends
+                    daemon.notifier.notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(serve_then_stop)
                 async for signum in signals:
                     log.info("%s received, shutting down", signal.Signals(signum).name)
+                    daemon.notifier.notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     break
     finally:
