@@ -12,6 +12,7 @@ import trio
 import typer
 
 from rngd import __version__
+from rngd.bandwidth import ShareMode
 from rngd.config import MAX_PERIOD_MS, ConfigError, DaemonConfig
 
 PROG = "vhost-device-rng"
@@ -28,11 +29,6 @@ class LogLevel(enum.StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
-
-
-class Share(enum.StrEnum):
-    SPLIT = "split"
-    FAIR = "fair"
 
 
 def _version(value: bool) -> None:
@@ -94,14 +90,14 @@ def run(
         ),
     ] = None,
     share: Annotated[
-        Share,
+        ShareMode,
         typer.Option(
             "--share",
             help="How guests share --max-bytes: 'split' gives each socket max-bytes/count "
             "(as vhost-device-rng); 'fair' lets busy guests use what idle ones leave, "
             "in equal shares.",
         ),
-    ] = Share.SPLIT,
+    ] = ShareMode.SPLIT,
     socket_mode: Annotated[
         str,
         typer.Option("--socket-mode", help="Permissions of the socket files, in octal."),
@@ -152,7 +148,7 @@ def run(
         filename=filename,
         period_ms=period,
         max_bytes=max_bytes,
-        share=share.value,
+        share=share,
         socket_mode=_octal(socket_mode),
         socket_group=socket_group,
         connected_fd=fd,

@@ -6,6 +6,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from rngd.bandwidth import ShareMode
+
 #: The original's default and maximum period: 2^16 ms.
 MAX_PERIOD_MS = 65536
 
@@ -16,13 +18,16 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class DaemonConfig:
+    """Every setting, as the command line parsed it. `validate` checks each rule on them
+    (once, here; `Daemon` calls it before it creates anything)."""
+
     socket_path: str
     socket_count: int = 1
     filename: str = "/dev/urandom"
     period_ms: int = MAX_PERIOD_MS
     max_bytes: int | None = None
-    #: "split" (as the original: max_bytes // socket_count per socket) or "fair".
-    share: str = "split"
+    #: SPLIT (as the original: max_bytes // socket_count per socket) or FAIR.
+    share: ShareMode = ShareMode.SPLIT
     #: Permissions of the socket files; 0600 keeps other users' processes off our guests.
     socket_mode: int = 0o600
     socket_group: str | None = None
@@ -42,15 +47,13 @@ class DaemonConfig:
             raise ConfigError(f"--max-bytes must be at least 1, not {self.max_bytes}")
         if (
             self.max_bytes is not None
-            and self.share == "split"
+            and self.share is ShareMode.SPLIT
             and self.max_bytes < self.socket_count
         ):
             raise ConfigError(
                 f"--max-bytes {self.max_bytes} split over {self.socket_count} sockets leaves "
                 "each nothing; raise it or use --share fair"
             )
-        if self.share not in ("split", "fair"):
-            raise ConfigError(f"--share must be 'split' or 'fair', not {self.share!r}")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(f"--socket-mode {self.socket_mode:o} is not a permission mode")
         if self.connected_fd is not None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import trio
 
 from rngd.backend import Connection
-from rngd.bandwidth import BandwidthScheduler, ShareMode
+from rngd.bandwidth import BandwidthScheduler
 from rngd.config import ConfigError, DaemonConfig
 from rngd.device import Budget
 from rngd.incidents import IncidentLog
@@ -107,8 +107,8 @@ def _umask(mask: int) -> Iterator[None]:
 
 
 def bind_listeners(config: DaemonConfig) -> list[Listener]:
-    """Create every listening socket, or none: raises ConfigError naming the problem."""
-    config.validate()
+    """Create every listening socket, or none: raises ConfigError naming the problem.
+    (`config` is validated: `Daemon` does that first.)"""
     gid = None
     if config.socket_group is not None:
         try:
@@ -166,7 +166,7 @@ class Daemon:
             self.source.close()
             raise
         self.scheduler = BandwidthScheduler(
-            config.max_bytes, config.period_ms / 1000, config.socket_count, ShareMode(config.share)
+            config.max_bytes, config.period_ms / 1000, config.socket_count, config.share
         )
 
     @property
