@@ -18,8 +18,7 @@ import os
 import select
 import signal
 import socket
-import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -29,11 +28,11 @@ from rngd.bandwidth import BandwidthScheduler
 from rngd.config import ConfigError, DaemonConfig
 from rngd.device import Budget
 from rngd.incidents import IncidentLog
+from rngd.observe import Peer, describe, peer_of
 from rngd.source import EntropySource, SourceError
 
 log = logging.getLogger(__name__)
 
-_PEERCRED = struct.Struct("3i")
 #: Connections the kernel holds until we accept them (we accept all the time; QEMU connects
 #: once, so this only absorbs a burst, or connections made while accept() is failing).
 _BACKLOG = 16
@@ -165,6 +164,8 @@ class Daemon:
         except BaseException:
             self.source.close()
             raise
+        #: The connections being served, for the SIGUSR1 report.
+        self.connections: set[Connection] = set()
         self.scheduler = BandwidthScheduler(
             config.max_bytes, config.period_ms / 1000, config.socket_count, config.share
         )
@@ -188,9 +189,15 @@ class Daemon:
             if self.connected is not None:
                 task_status.started([])
                 name = f"fd{config.connected_fd}"
-                log.info("%s: serving the connected socket (%s)", name, _peer(self.connected))
+                peer = peer_of(self.connected)
+                log.info("%s: serving the connected socket (%s)", name, describe(peer))
                 sock = trio.socket.from_stdlib_socket(self.connected)
-                await Connection(sock, name, self.source, self.scheduler.guest(0)).run()
+                connection = Connection(sock, name, self.source, self.scheduler.guest(0), peer=peer)
+                self.connections.add(connection)
+                try:
+                    await connection.run()
+                finally:
+                    self.connections.discard(connection)
                 root.cancel_scope.cancel()
                 return
             for index, listener in enumerate(self.listeners):
@@ -199,6 +206,7 @@ class Daemon:
                     functools.partial(_accept, trio.socket.from_stdlib_socket(listener.sock)),
                     self.source,
                     self.scheduler.guest(index),
+                    self.connections,
                 )
                 root.start_soon(server.run)
             log.info(
@@ -210,6 +218,13 @@ class Daemon:
                 else f"{config.max_bytes} bytes per {config.period_ms} ms, {config.share} share",
             )
             task_status.started(self.paths)
+
+    def report(self) -> None:
+        """Log every connection's counters, one line each (SIGUSR1)."""
+        connections = sorted(self.connections, key=lambda c: c.name)
+        log.info("statistics: %d VMM(s) connected", len(connections))
+        for connection in connections:
+            log.info("%sserving: %s", connection.prefix, connection.summary())
 
     def close(self) -> None:
         """Remove the socket files and close the source."""
@@ -249,7 +264,7 @@ class _Served:
     """A connection the socket has taken on: served now, or as soon as `after` is done."""
 
     sock: trio.socket.SocketType
-    peer: str
+    peer: Peer | None
     after: _Served | None
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -277,11 +292,20 @@ class SocketServer:
     `ACCEPT_RETRY` seconds until accept() works again. Guests already connected go on.
     """
 
-    def __init__(self, name: str, accept: Accept, source: EntropySource, budget: Budget) -> None:
+    def __init__(
+        self,
+        name: str,
+        accept: Accept,
+        source: EntropySource,
+        budget: Budget,
+        connections: set[Connection] | None = None,
+    ) -> None:
         self.name = name
         self.accept = accept
         self.source = source
         self.budget = budget
+        #: Where the connection being served is registered (the daemon's, for SIGUSR1).
+        self.connections: set[Connection] = set() if connections is None else connections
         #: The connection served, or the last one queued behind it.
         self.current: _Served | None = None
         self.refusals = IncidentLog(log, f"{name}: ")
@@ -324,14 +348,14 @@ class SocketServer:
                 self._take(conn, nursery)
 
     def _take(self, conn: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        peer = _peer(conn)
+        peer = peer_of(conn)
         previous = self.current
         if previous is not None and not previous.leaving():
             conn.close()
             self.refusals(
                 "connection refused (%s): this socket already serves a VMM (%s)",
-                peer,
-                previous.peer,
+                describe(peer),
+                describe(previous.peer),
             )
             return
         served = self.current = _Served(conn, peer, previous)
@@ -344,12 +368,19 @@ class SocketServer:
                     # The previous VMM hung up; its memory and fds are released first.
                     await served.after.done.wait()
                     served.after = None  # or every connection would keep its predecessors
-                log.info("%s: VMM connected (%s)", self.name, served.peer)
+                # The connect line, with the negotiated features, is the connection's.
+                log.debug("%s: serving a VMM (%s)", self.name, describe(served.peer))
+                connection = Connection(
+                    served.sock, self.name, self.source, self.budget, peer=served.peer
+                )
+                self.connections.add(connection)
                 try:
-                    await Connection(served.sock, self.name, self.source, self.budget).run()
+                    await connection.run()
                 except Exception:
                     # A bug must cost one connection, never the daemon and its other guests.
                     log.exception("%s: connection failed; accepting the next VMM", self.name)
+                finally:
+                    self.connections.discard(connection)
             finally:
                 if self.current is served:
                     self.current = None
@@ -362,32 +393,37 @@ def _describe(exc: OSError) -> str:
     return f"{code} ({exc.strerror})"
 
 
-def _peer(sock: trio.socket.SocketType | socket.socket) -> str:
-    try:
-        pid, uid, gid = _PEERCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
-    except OSError:
-        return "peer unknown"
-    return f"pid {pid}, uid {uid}, gid {gid}"
-
-
 #: Signals that stop the daemon. The CLI blocks them before creating the sockets (see
 #: `block_stop_signals`) so that one arriving before the event loop listens for it is held,
 #: not fatal: the default action would kill us and leave the socket files behind.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+#: Asks for every connection's counters (`Daemon.report`). Held like the stop signals until
+#: its receiver is installed: its default action would kill the daemon too.
+REPORT_SIGNAL = signal.SIGUSR1
+#: What `block_stop_signals` holds until `run` listens.
+HELD_SIGNALS = STOP_SIGNALS | {REPORT_SIGNAL}
 
 
 def block_stop_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Hold the stop signals and SIGUSR1 until `run` has its receivers for them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
+async def _report_on(reports: AsyncIterator[int], daemon: Daemon) -> None:
+    # Only reads counters and logs: nothing a guest waits on is touched.
+    async for _ in reports:
+        daemon.report()
 
 
 async def run(daemon: Daemon) -> None:
-    """Serve until SIGINT or SIGTERM, then clean up."""
+    """Serve until SIGINT or SIGTERM, then clean up; log the counters on SIGUSR1."""
     try:
-        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            # Any signal held since the sockets were created is delivered now, to the receiver.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        with (
+            trio.open_signal_receiver(*STOP_SIGNALS) as signals,
+            trio.open_signal_receiver(REPORT_SIGNAL) as reports,
+        ):
+            # Any signal held since the sockets were created is delivered now, to a receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             async with trio.open_nursery() as nursery:
 
                 async def serve_then_stop() -> None:
@@ -395,6 +431,7 @@ async def run(daemon: Daemon) -> None:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(serve_then_stop)
+                nursery.start_soon(_report_on, reports, daemon)
                 async for signum in signals:
                     log.info("%s received, shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()

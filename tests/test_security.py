@@ -148,11 +148,15 @@ async def test_exit_leaves_a_replaced_socket_path_alone(workdir: str) -> None:
 async def test_peer_credentials_logged_on_connect(
     workdir: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="rngd.daemon")
+    """One line per connection, once the features are negotiated: the peer's pid, uid and gid
+    with them."""
+    caplog.set_level(logging.INFO, logger="rngd.backend")
     async with daemon_in_process(os.path.join(workdir, "rng.sock")) as (path,):
         vmm = await Frontend.connect(path)
         async with vmm:
-            await vmm.get_features()
-    expected = f"rng.sock0: VMM connected (pid {os.getpid()}, uid {os.getuid()}, gid {os.getgid()})"
-    lines = [r.getMessage() for r in caplog.records if r.name == "rngd.daemon"]
-    assert expected in lines, lines
+            await vmm.start_qemu72(4)
+    expected = (
+        f"rng.sock0: VMM connected: pid={os.getpid()} uid={os.getuid()} gid={os.getgid()} features="
+    )
+    lines = [r.getMessage() for r in caplog.records if r.name == "rngd.backend"]
+    assert sum(line.startswith(expected) for line in lines) == 1, lines
