@@ -106,6 +106,15 @@ def run(
         str | None,
         typer.Option("--socket-group", help="Group to own the socket files (with --socket-mode)."),
     ] = None,
+    allow_uid: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--allow-uid",
+            help="Accept connections only from this user id (SO_PEERCRED); repeat for more. "
+            "On top of --socket-mode. Default: anyone the socket file lets in.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[
         LogLevel,
         typer.Option("--log-level", help="Log verbosity.", case_sensitive=False),
@@ -151,6 +160,7 @@ def run(
         share=share,
         socket_mode=_octal(socket_mode),
         socket_group=socket_group,
+        allow_uids=tuple(allow_uid or ()),
         connected_fd=fd,
     )
     block_stop_signals()

@@ -31,9 +31,15 @@ class DaemonConfig:
     #: Permissions of the socket files; 0600 keeps other users' processes off our guests.
     socket_mode: int = 0o600
     socket_group: str | None = None
+    #: Peer uids (SO_PEERCRED) allowed to connect; empty: any the socket file's mode lets in.
+    allow_uids: tuple[int, ...] = ()
     #: Serve this already-connected socket (`--fd`, the vhost-user back-end convention)
     #: instead of listening on `socket_path`; the daemon exits when it disconnects.
     connected_fd: int | None = None
+
+    def allows(self, uid: int | None) -> bool:
+        """May a peer of user id `uid` (None: unknown) connect (`--allow-uid`)?"""
+        return not self.allow_uids or uid in self.allow_uids
 
     def socket_paths(self) -> list[str]:
         return [f"{self.socket_path}{i}" for i in range(self.socket_count)]
@@ -56,6 +62,9 @@ class DaemonConfig:
             )
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(f"--socket-mode {self.socket_mode:o} is not a permission mode")
+        for uid in self.allow_uids:
+            if not 0 <= uid < 2**32 - 1:
+                raise ConfigError(f"--allow-uid must be a user id, not {uid}")
         if self.connected_fd is not None:
             self._validate_connected_fd()
             return

@@ -159,6 +159,14 @@ class Daemon:
         try:
             if config.connected_fd is not None:
                 self.connected = socket.socket(fileno=config.connected_fd)
+                peer = peer_of(self.connected)
+                if not config.allows(None if peer is None else peer.uid):
+                    self.connected.detach()  # the caller's fd: theirs to close
+                    self.connected = None
+                    raise ConfigError(
+                        f"--fd {config.connected_fd}: the peer ({describe(peer)}) is not "
+                        "allowed by --allow-uid"
+                    )
             else:
                 self.listeners = bind_listeners(config)
         except BaseException:
@@ -207,6 +215,7 @@ class Daemon:
                     self.source,
                     self.scheduler.guest(index),
                     self.connections,
+                    config.allows,
                 )
                 root.start_soon(server.run)
             log.info(
@@ -299,6 +308,7 @@ class SocketServer:
         source: EntropySource,
         budget: Budget,
         connections: set[Connection] | None = None,
+        allows: Callable[[int | None], bool] = lambda uid: True,
     ) -> None:
         self.name = name
         self.accept = accept
@@ -306,6 +316,8 @@ class SocketServer:
         self.budget = budget
         #: Where the connection being served is registered (the daemon's, for SIGUSR1).
         self.connections: set[Connection] = set() if connections is None else connections
+        #: Whether a peer of a uid may connect (`--allow-uid`; None: the uid is unknown).
+        self.allows = allows
         #: The connection served, or the last one queued behind it.
         self.current: _Served | None = None
         self.refusals = IncidentLog(log, f"{name}: ")
@@ -349,6 +361,10 @@ class SocketServer:
 
     def _take(self, conn: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         peer = peer_of(conn)
+        if not self.allows(None if peer is None else peer.uid):
+            self.refusals("connection refused (%s): uid not allowed by --allow-uid", describe(peer))
+            conn.close()
+            return
         previous = self.current
         if previous is not None and not previous.leaving():
             conn.close()

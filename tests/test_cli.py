@@ -59,6 +59,7 @@ def test_help_lists_every_option() -> None:
         "--version",
         "--share",
         "--socket-mode",
+        "--allow-uid",
     ):
         assert option in result.stdout
     assert run("-h").stdout == result.stdout
