@@ -110,6 +110,7 @@ def run(
         list[int] | None,
         typer.Option(
             "--allow-uid",
+            metavar="UID",
             help="Accept connections only from this user id (SO_PEERCRED); repeat for more. "
             "On top of --socket-mode. Default: anyone the socket file lets in.",
             show_default=False,
