@@ -89,7 +89,8 @@ async def test_one_line_at_connect_one_with_the_counters_at_disconnect(workdir: 
     c = counters(line)
     assert (c["requests"], c["bytes"]) == (n + m, 64 * (n + m))
     assert (c["held_back"], c["parked"], c["malformed"]) == (0, 0, 0)
-    assert 1 <= c["kicks"] <= kicks
+    # Each start's kick fd comes signalled (as QEMU's), which may wake the ring once more.
+    assert 1 <= c["kicks"] <= kicks + 2
     assert 2 <= c["interrupts"] <= n + m
 
 
