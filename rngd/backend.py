@@ -19,8 +19,14 @@ import trio
 from rngd.device import Budget, EventfdError, Notifier, serve_vring
 from rngd.incidents import IncidentLog
 from rngd.memory import GuestMemory, GuestMemoryError
+from rngd.observe import ConnectionCounters, Peer, describe
 from rngd.protocol.codec import Message, MessageError, MessageReader, ProtocolError
-from rngd.protocol.constants import MAX_FDS_PER_MESSAGE, Request, VirtioFeatures
+from rngd.protocol.constants import (
+    MAX_FDS_PER_MESSAGE,
+    ProtocolFeatures,
+    Request,
+    VirtioFeatures,
+)
 from rngd.protocol.payloads import MemoryRegion
 from rngd.protocol.session import (
     REQUESTS_WITH_REPLY,
@@ -114,10 +120,21 @@ class Connection:
         name: str,
         source: EntropySource,
         budget: Budget,
+        *,
+        peer: Peer | None = None,
     ) -> None:
         self.sock = sock
         self.name = name
         self.prefix = f"{name}: "
+        #: Who connected (SO_PEERCRED at accept), for the log lines.
+        self.peer = peer
+        self.counters = ConnectionCounters()
+        #: trio time the connection started being served (see `uptime`).
+        self.started = trio.current_time()
+        #: How it ended, for the disconnect line.
+        self._ending = "closed by rngd"
+        #: The connect line is logged (at the first SET_FEATURES).
+        self._announced = False
         self.session = Session()
         self.reader = MessageReader()
         self.memory: GuestMemory | None = None
@@ -146,9 +163,17 @@ class Connection:
                     await self._serve()
                 except ProtocolError as exc:
                     log.warning("%sdisconnecting: %s", self.prefix, exc)
+                    self._ending = "protocol error"
                 nursery.cancel_scope.cancel()
         finally:
             self._release()
+
+    def uptime(self) -> float:
+        return trio.current_time() - self.started
+
+    def summary(self) -> str:
+        """The peer, the time connected and the counters so far, as the log lines give them."""
+        return f"{describe(self.peer)} uptime={self.uptime():.1f}s {self.counters.total()}"
 
     def _release(self) -> None:
         if self._memory_tables > 1 or self._vring_starts > 1:
@@ -161,6 +186,8 @@ class Connection:
         self.incident.flush()
         self.reader.close()
         self._drop_resources()
+        # Every ring has stopped: the counters are final.
+        log.info("%sVMM disconnected (%s): %s", self.prefix, self._ending, self.summary())
 
     def _drop_resources(self) -> None:
         """Close every eventfd, unmap the memory and start the vrings' run-time state afresh
@@ -179,7 +206,7 @@ class Connection:
         while True:
             message = await self._receive()
             if message is None:
-                log.info("%sVMM disconnected", self.prefix)
+                self._ending = "hung up"
                 return
             reply = await self._dispatch(message)
             if reply is not None:
@@ -226,10 +253,14 @@ class Connection:
         )
         try:
             event = self.session.handle(message)
-            return await self._apply(message, event)
+            reply = await self._apply(message, event)
+            if message.request == Request.SET_FEATURES:
+                self._features_set()
+            return reply
         except MessageError as exc:
             kind = "refused" if isinstance(exc, RequestRejected) else "malformed"
             self.incident("%s %s: %s", message.name, kind, exc)
+            self.counters.malformed += 1
             if message.request in REQUESTS_WITH_REPLY:
                 # The VMM waits for an answer we cannot give; hanging up beats a hang.
                 raise ProtocolError(f"cannot answer {message.name}") from exc
@@ -238,6 +269,22 @@ class Connection:
             if message.fds:
                 self.incident("%s: closing %d unexpected fds", message.name, len(message.fds))
                 message.close_fds()
+
+    def _features_set(self) -> None:
+        """The one line per connection that says who connected and what was negotiated: at
+        the first SET_FEATURES (QEMU sends one at every device start, a guest reboot say)."""
+        first, self._announced = not self._announced, True
+        session = self.session
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "%sVMM connected: %s features=%#x (%s) protocol_features=%#x (%s)",
+            self.prefix,
+            describe(self.peer),
+            session.acked_features,
+            VirtioFeatures(session.acked_features).name or "none",
+            session.acked_protocol_features,
+            ProtocolFeatures(session.acked_protocol_features).name or "none",
+        )
 
     async def _apply(
         self,
@@ -392,9 +439,11 @@ class Connection:
                     vring.call,
                     self.incident,
                     name=f"rngd {self.prefix}vring {vring.index}",
+                    counters=self.counters,
                 )
         except RingError as exc:
             self.incident("vring %d stopped, the guest broke it: %s", vring.index, exc)
+            self.counters.malformed += 1
             self._break(vring)
         except GuestMemoryFault as exc:
             self.incident("vring %d stopped: %s", vring.index, exc)

@@ -43,8 +43,9 @@ import math
 import trio
 
 
-class ShareMode(enum.Enum):
-    """How the guests share the budget (the `--share` option)."""
+class ShareMode(enum.StrEnum):
+    """How the guests share the budget: the `--share` option's values, as the command line
+    parses them and as `DaemonConfig` carries them to the scheduler."""
 
     SPLIT = "split"
     FAIR = "fair"
@@ -158,22 +159,14 @@ class BandwidthScheduler:
     ) -> None:
         """`max_bytes` None means unlimited: acquiring never parks and costs next to nothing.
 
-        Raises ValueError for a configuration that would starve guests: `max_bytes` below 1,
-        or, in split mode, below `guests` (each guest's share would be 0 bytes per period;
-        vhost-device-rng then completes every request empty, one per period).
+        The options' rules (`max_bytes` at least 1, and in split mode at least `guests`, or
+        each guest's share would be 0 bytes per period) are `DaemonConfig.validate`'s, checked
+        there once; here only what the arithmetic needs: a guest, and a positive period.
         """
         if guests < 1:
             raise ValueError(f"need at least one guest, not {guests}")
         if not (math.isfinite(period) and period > 0):
             raise ValueError(f"the period must be a positive number of seconds, not {period}")
-        if max_bytes is not None:
-            if max_bytes < 1:
-                raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
-            if mode is ShareMode.SPLIT and max_bytes < guests:
-                raise ValueError(
-                    f"max_bytes {max_bytes} split over {guests} guests leaves each 0 bytes "
-                    "per period: raise max_bytes or use the fair mode"
-                )
         self.max_bytes = max_bytes
         self.period = period
         self.mode = mode

@@ -12,6 +12,7 @@ import trio
 import typer
 
 from rngd import __version__
+from rngd.bandwidth import ShareMode
 from rngd.config import MAX_PERIOD_MS, ConfigError, DaemonConfig
 
 PROG = "vhost-device-rng"
@@ -28,11 +29,6 @@ class LogLevel(enum.StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
-
-
-class Share(enum.StrEnum):
-    SPLIT = "split"
-    FAIR = "fair"
 
 
 def _version(value: bool) -> None:
@@ -102,14 +98,14 @@ def run(
         ),
     ] = None,
     share: Annotated[
-        Share,
+        ShareMode,
         typer.Option(
             "--share",
             help="How guests share --max-bytes: 'split' gives each socket max-bytes/count "
             "(as vhost-device-rng); 'fair' lets busy guests use what idle ones leave, "
             "in equal shares.",
         ),
-    ] = Share.SPLIT,
+    ] = ShareMode.SPLIT,
     socket_mode: Annotated[
         str,
         typer.Option("--socket-mode", help="Permissions of the socket files, in octal."),
@@ -117,6 +113,16 @@ def run(
     socket_group: Annotated[
         str | None,
         typer.Option("--socket-group", help="Group to own the socket files (with --socket-mode)."),
+    ] = None,
+    allow_uid: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--allow-uid",
+            metavar="UID",
+            help="Accept connections only from this user id (SO_PEERCRED); repeat for more. "
+            "On top of --socket-mode. Default: anyone the socket file lets in.",
+            show_default=False,
+        ),
     ] = None,
     log_level: Annotated[
         LogLevel,
@@ -162,9 +168,10 @@ def run(
         filename=filename,
         period_ms=period,
         max_bytes=max_bytes,
-        share=share.value,
+        share=share,
         socket_mode=_octal(socket_mode),
         socket_group=socket_group,
+        allow_uids=tuple(allow_uid or ()),
         connected_fd=fd,
         listen_fds=listen_fds,
     )

@@ -6,6 +6,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from rngd.bandwidth import ShareMode
+
 #: The original's default and maximum period: 2^16 ms.
 MAX_PERIOD_MS = 65536
 
@@ -16,22 +18,31 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class DaemonConfig:
+    """Every setting, as the command line parsed it. `validate` checks each rule on them
+    (once, here; `Daemon` calls it before it creates anything)."""
+
     socket_path: str
     socket_count: int = 1
     filename: str = "/dev/urandom"
     period_ms: int = MAX_PERIOD_MS
     max_bytes: int | None = None
-    #: "split" (as the original: max_bytes // socket_count per socket) or "fair".
-    share: str = "split"
+    #: SPLIT (as the original: max_bytes // socket_count per socket) or FAIR.
+    share: ShareMode = ShareMode.SPLIT
     #: Permissions of the socket files; 0600 keeps other users' processes off our guests.
     socket_mode: int = 0o600
     socket_group: str | None = None
+    #: Peer uids (SO_PEERCRED) allowed to connect; empty: any the socket file's mode lets in.
+    allow_uids: tuple[int, ...] = ()
     #: Serve this already-connected socket (`--fd`, the vhost-user back-end convention)
     #: instead of listening on `socket_path`; the daemon exits when it disconnects.
     connected_fd: int | None = None
     #: Listening sockets systemd passed us (socket activation, `LISTEN_FDS`), served as
     #: guests 0..n-1 instead of sockets created at `socket_path`.
     listen_fds: tuple[int, ...] = ()
+
+    def allows(self, uid: int | None) -> bool:
+        """May a peer of user id `uid` (None: unknown) connect (`--allow-uid`)?"""
+        return not self.allow_uids or uid in self.allow_uids
 
     def socket_paths(self) -> list[str]:
         return [f"{self.socket_path}{i}" for i in range(self.socket_count)]
@@ -45,17 +56,18 @@ class DaemonConfig:
             raise ConfigError(f"--max-bytes must be at least 1, not {self.max_bytes}")
         if (
             self.max_bytes is not None
-            and self.share == "split"
+            and self.share is ShareMode.SPLIT
             and self.max_bytes < self.socket_count
         ):
             raise ConfigError(
                 f"--max-bytes {self.max_bytes} split over {self.socket_count} sockets leaves "
                 "each nothing; raise it or use --share fair"
             )
-        if self.share not in ("split", "fair"):
-            raise ConfigError(f"--share must be 'split' or 'fair', not {self.share!r}")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(f"--socket-mode {self.socket_mode:o} is not a permission mode")
+        for uid in self.allow_uids:
+            if not 0 <= uid < 2**32 - 1:
+                raise ConfigError(f"--allow-uid must be a user id, not {uid}")
         if self.listen_fds:
             self._validate_listen_fds()
             return

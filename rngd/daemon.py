@@ -19,23 +19,22 @@ import os
 import select
 import signal
 import socket
-import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
 
 from rngd.backend import Connection
-from rngd.bandwidth import BandwidthScheduler, ShareMode
+from rngd.bandwidth import BandwidthScheduler
 from rngd.config import ConfigError, DaemonConfig
 from rngd.device import Budget
 from rngd.incidents import IncidentLog
+from rngd.observe import Peer, describe, peer_of
 from rngd.source import EntropySource, SourceError
 from rngd.systemd import Notifier, check_listening, socket_address
 
 log = logging.getLogger(__name__)
 
-_PEERCRED = struct.Struct("3i")
 #: Connections the kernel holds until we accept them (we accept all the time; QEMU connects
 #: once, so this only absorbs a burst, or connections made while accept() is failing).
 _BACKLOG = 16
@@ -112,8 +111,8 @@ def _umask(mask: int) -> Iterator[None]:
 
 
 def bind_listeners(config: DaemonConfig) -> list[Listener]:
-    """Create every listening socket, or none: raises ConfigError naming the problem."""
-    config.validate()
+    """Create every listening socket, or none: raises ConfigError naming the problem.
+    (`config` is validated: `Daemon` does that first.)"""
     gid = None
     if config.socket_group is not None:
         try:
@@ -185,13 +184,23 @@ class Daemon:
                 self.listeners = adopt_listeners(config)
             elif config.connected_fd is not None:
                 self.connected = socket.socket(fileno=config.connected_fd)
+                peer = peer_of(self.connected)
+                if not config.allows(None if peer is None else peer.uid):
+                    self.connected.detach()  # the caller's fd: theirs to close
+                    self.connected = None
+                    raise ConfigError(
+                        f"--fd {config.connected_fd}: the peer ({describe(peer)}) is not "
+                        "allowed by --allow-uid"
+                    )
             else:
                 self.listeners = bind_listeners(config)
         except BaseException:
             self.source.close()
             raise
+        #: The connections being served, for the SIGUSR1 report.
+        self.connections: set[Connection] = set()
         self.scheduler = BandwidthScheduler(
-            config.max_bytes, config.period_ms / 1000, config.socket_count, ShareMode(config.share)
+            config.max_bytes, config.period_ms / 1000, config.socket_count, config.share
         )
 
     @property
@@ -214,9 +223,15 @@ class Daemon:
                 task_status.started([])
                 self.notifier.notify("READY=1\nSTATUS=serving the connected socket")
                 name = f"fd{config.connected_fd}"
-                log.info("%s: serving the connected socket (%s)", name, _peer(self.connected))
+                peer = peer_of(self.connected)
+                log.info("%s: serving the connected socket (%s)", name, describe(peer))
                 sock = trio.socket.from_stdlib_socket(self.connected)
-                await Connection(sock, name, self.source, self.scheduler.guest(0)).run()
+                connection = Connection(sock, name, self.source, self.scheduler.guest(0), peer=peer)
+                self.connections.add(connection)
+                try:
+                    await connection.run()
+                finally:
+                    self.connections.discard(connection)
                 root.cancel_scope.cancel()
                 return
             for index, listener in enumerate(self.listeners):
@@ -225,7 +240,9 @@ class Daemon:
                     functools.partial(_accept, trio.socket.from_stdlib_socket(listener.sock)),
                     self.source,
                     self.scheduler.guest(index),
-                    self._guest_count,
+                    connections=self.connections,
+                    allows=config.allows,
+                    on_guests=self._guest_count,
                 )
                 root.start_soon(server.run)
             log.info(
@@ -246,6 +263,13 @@ class Daemon:
     def _guest_count(self, change: int) -> None:
         self.guests += change
         self.notifier.notify(f"STATUS={self._status()}")
+
+    def report(self) -> None:
+        """Log every connection's counters, one line each (SIGUSR1)."""
+        connections = sorted(self.connections, key=lambda c: c.name)
+        log.info("statistics: %d VMM(s) connected", len(connections))
+        for connection in connections:
+            log.info("%sserving: %s", connection.prefix, connection.summary())
 
     def close(self) -> None:
         """Remove the socket files and close the source."""
@@ -286,7 +310,7 @@ class _Served:
     """A connection the socket has taken on: served now, or as soon as `after` is done."""
 
     sock: trio.socket.SocketType
-    peer: str
+    peer: Peer | None
     after: _Served | None
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -320,12 +344,18 @@ class SocketServer:
         accept: Accept,
         source: EntropySource,
         budget: Budget,
+        connections: set[Connection] | None = None,
+        allows: Callable[[int | None], bool] = lambda uid: True,
         on_guests: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
         self.accept = accept
         self.source = source
         self.budget = budget
+        #: Where the connection being served is registered (the daemon's, for SIGUSR1).
+        self.connections: set[Connection] = set() if connections is None else connections
+        #: Whether a peer of a uid may connect (`--allow-uid`; None: the uid is unknown).
+        self.allows = allows
         #: Told +1 when a VMM's connection is served, -1 when it ends.
         self.on_guests = on_guests
         #: The connection served, or the last one queued behind it.
@@ -370,14 +400,18 @@ class SocketServer:
                 self._take(conn, nursery)
 
     def _take(self, conn: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        peer = _peer(conn)
+        peer = peer_of(conn)
+        if not self.allows(None if peer is None else peer.uid):
+            self.refusals("connection refused (%s): uid not allowed by --allow-uid", describe(peer))
+            conn.close()
+            return
         previous = self.current
         if previous is not None and not previous.leaving():
             conn.close()
             self.refusals(
                 "connection refused (%s): this socket already serves a VMM (%s)",
-                peer,
-                previous.peer,
+                describe(peer),
+                describe(previous.peer),
             )
             return
         served = self.current = _Served(conn, peer, previous)
@@ -390,15 +424,21 @@ class SocketServer:
                     # The previous VMM hung up; its memory and fds are released first.
                     await served.after.done.wait()
                     served.after = None  # or every connection would keep its predecessors
-                log.info("%s: VMM connected (%s)", self.name, served.peer)
+                # The connect line, with the negotiated features, is the connection's.
+                log.debug("%s: serving a VMM (%s)", self.name, describe(served.peer))
+                connection = Connection(
+                    served.sock, self.name, self.source, self.budget, peer=served.peer
+                )
+                self.connections.add(connection)
                 if self.on_guests is not None:
                     self.on_guests(1)
                 try:
-                    await Connection(served.sock, self.name, self.source, self.budget).run()
+                    await connection.run()
                 except Exception:
                     # A bug must cost one connection, never the daemon and its other guests.
                     log.exception("%s: connection failed; accepting the next VMM", self.name)
                 finally:
+                    self.connections.discard(connection)
                     if self.on_guests is not None:
                         self.on_guests(-1)
             finally:
@@ -413,32 +453,37 @@ def _describe(exc: OSError) -> str:
     return f"{code} ({exc.strerror})"
 
 
-def _peer(sock: trio.socket.SocketType | socket.socket) -> str:
-    try:
-        pid, uid, gid = _PEERCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
-    except OSError:
-        return "peer unknown"
-    return f"pid {pid}, uid {uid}, gid {gid}"
-
-
 #: Signals that stop the daemon. The CLI blocks them before creating the sockets (see
 #: `block_stop_signals`) so that one arriving before the event loop listens for it is held,
 #: not fatal: the default action would kill us and leave the socket files behind.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+#: Asks for every connection's counters (`Daemon.report`). Held like the stop signals until
+#: its receiver is installed: its default action would kill the daemon too.
+REPORT_SIGNAL = signal.SIGUSR1
+#: What `block_stop_signals` holds until `run` listens.
+HELD_SIGNALS = STOP_SIGNALS | {REPORT_SIGNAL}
 
 
 def block_stop_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Hold the stop signals and SIGUSR1 until `run` has its receivers for them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
+async def _report_on(reports: AsyncIterator[int], daemon: Daemon) -> None:
+    # Only reads counters and logs: nothing a guest waits on is touched.
+    async for _ in reports:
+        daemon.report()
 
 
 async def run(daemon: Daemon) -> None:
-    """Serve until SIGINT or SIGTERM, then clean up."""
+    """Serve until SIGINT or SIGTERM, then clean up; log the counters on SIGUSR1."""
     try:
-        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            # Any signal held since the sockets were created is delivered now, to the receiver.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        with (
+            trio.open_signal_receiver(*STOP_SIGNALS) as signals,
+            trio.open_signal_receiver(REPORT_SIGNAL) as reports,
+        ):
+            # Any signal held since the sockets were created is delivered now, to a receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             async with trio.open_nursery() as nursery:
 
                 async def serve_then_stop() -> None:
@@ -447,6 +492,7 @@ async def run(daemon: Daemon) -> None:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(serve_then_stop)
+                nursery.start_soon(_report_on, reports, daemon)
                 async for signum in signals:
                     log.info("%s received, shutting down", signal.Signals(signum).name)
                     daemon.notifier.notify("STOPPING=1")

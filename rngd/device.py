@@ -25,6 +25,7 @@ from typing import Protocol
 import trio
 
 from rngd.incidents import IncidentLog
+from rngd.observe import ConnectionCounters, RingCounters
 from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
 from rngd.threads import ThreadStartError, run_owned_thread
 from rngd.virtqueue import ChainError, Segment, SplitQueue
@@ -108,8 +109,12 @@ async def serve_vring(
     incident: IncidentLog,
     *,
     name: str,
+    counters: ConnectionCounters | None = None,
 ) -> None:
     """The kick-handler task of one vring: serve it in a worker thread until cancelled.
+
+    The worker's counters are among `counters`' running rings while it runs, and added to
+    them when it has stopped.
 
     Raises what stops the ring for good: RingError (the guest broke it), EventfdError,
     GuestMemoryFault, SourceError, ThreadStartError.
@@ -119,16 +124,25 @@ async def serve_vring(
     def stop() -> None:
         worker.stopping = True
 
+    if counters is not None:
+        counters.ring_started(worker)
     try:
         await run_owned_thread(worker.run, name=name, on_stop=stop)
     finally:
         # Credit of the current window the thread did not use goes back to the others.
         if worker.credit and trio.current_time() < worker.credit_until != math.inf:
             budget.refund(worker.credit)
+        if counters is not None:
+            counters.ring_stopped(worker)
 
 
-class VringWorker:
-    """The thread side of one vring. `run` is the whole request path."""
+class VringWorker(RingCounters):
+    """The thread side of one vring. `run` is the whole request path.
+
+    It counts what it does in its `RingCounters` attributes, plain ints it alone writes
+    (`_grant`, which counts the parking, runs while the thread waits for it); the trio side
+    only reads them.
+    """
 
     def __init__(
         self,
@@ -139,6 +153,7 @@ class VringWorker:
         call: Notifier,
         incident: IncidentLog,
     ) -> None:
+        super().__init__()
         self.queue = queue
         self.source = source
         self.budget = budget
@@ -183,6 +198,7 @@ class VringWorker:
                             return
                         if events & _EPOLL_TROUBLE:
                             raise EventfdError(f"kick fd reports poll events {events:#x}")
+                        self.kicks += 1
             except _Stopped:
                 return
             finally:
@@ -210,6 +226,7 @@ class VringWorker:
         """Publish the completions made so far; interrupt the guest if it wants to hear."""
         if self.queue.publish():
             self.call.signal()
+            self.interrupts += 1
 
     def serve_one(self) -> bool:
         """The Linux driver's request, alone in the ring: one plain buffer seen before, and
@@ -229,6 +246,8 @@ class VringWorker:
         if count <= 0:
             count = self.wait_for_source(iov, count)
         queue.put_used(head, count)
+        self.requests += 1
+        self.bytes += count
         return True
 
     def serve_batch(self, pending: int) -> None:
@@ -244,6 +263,7 @@ class VringWorker:
                 chain = chain_of(head)
             except ChainError as exc:
                 self.incident("request %d refused, completed empty: %s", head, exc)
+                self.malformed += 1
                 chains.append(None)
                 continue
             chains.append(chain)
@@ -288,6 +308,7 @@ class VringWorker:
             if count <= 0:
                 count = self.wait_for_source(iov, count)
         self.credit -= count
+        self.bytes += count
         lengths: list[int] = []
         for take in takes:
             written = take if take <= count else count
@@ -296,6 +317,7 @@ class VringWorker:
             count -= written
             lengths.append(written)
         queue.put_used_many(heads, lengths)
+        self.requests += len(lengths)
 
     def take_credit(self, want: int) -> int:
         """Up to `want` bytes of budget: from the credit held, else from the scheduler."""
@@ -312,7 +334,16 @@ class VringWorker:
 
     async def _grant(self, want: int) -> tuple[int, float]:
         # Runs in the owning task, in trio: the scheduler is not thread-safe.
-        granted = self.budget.try_acquire(want) or await self.budget.acquire(want)
+        budget = self.budget
+        granted = budget.try_acquire(want)
+        if not granted:
+            # Nothing left for this guest now: park until the refill, and count the wait.
+            parked_at = trio.current_time()
+            try:
+                granted = await budget.acquire(want)
+            finally:
+                self.parked += trio.current_time() - parked_at
+            self.held_back += granted
         until = self.budget.window_end()
         if until == math.inf:
             granted = 1 << 62  # unlimited: this thread never needs to ask again

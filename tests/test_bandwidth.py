@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rngd.bandwidth import BandwidthScheduler, GuestBudget, ShareMode
-from rngd.config import DaemonConfig
+from rngd.config import ConfigError, DaemonConfig
 from rngd.daemon import Daemon
 from rngd.testing import DriverQueue, Frontend
 
@@ -613,20 +614,38 @@ async def test_window_end_when_unlimited(autojump_clock: trio.testing.MockClock)
     ("max_bytes", "period", "guests", "mode"),
     [
         (100, 1.0, 0, ShareMode.SPLIT),
-        (0, 1.0, 1, ShareMode.FAIR),
-        (7, 1.0, 8, ShareMode.SPLIT),  # 7 // 8 == 0 bytes per guest
         (100, 0.0, 1, ShareMode.SPLIT),
         (100, math.inf, 1, ShareMode.SPLIT),
     ],
 )
-def test_rejects_configurations_that_starve(
+def test_rejects_arguments_it_cannot_count_with(
     max_bytes: int, period: float, guests: int, mode: ShareMode
 ) -> None:
     with pytest.raises(ValueError):
         BandwidthScheduler(max_bytes, period, guests, mode)
 
 
-def test_fair_mode_accepts_fewer_bytes_than_guests() -> None:
+@pytest.mark.parametrize(
+    ("max_bytes", "sockets", "mode", "message"),
+    [
+        (0, 1, ShareMode.FAIR, "--max-bytes must be at least 1"),
+        (7, 8, ShareMode.SPLIT, "split over 8 sockets"),  # 7 // 8 == 0 bytes per guest
+    ],
+)
+def test_the_options_that_would_starve_guests_are_refused_once_by_the_config(
+    tmp_path: Path, max_bytes: int, sockets: int, mode: ShareMode, message: str
+) -> None:
+    config = DaemonConfig(
+        str(tmp_path / "rng.sock"), socket_count=sockets, max_bytes=max_bytes, share=mode
+    )
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_fair_mode_accepts_fewer_bytes_than_guests(tmp_path: Path) -> None:
+    DaemonConfig(
+        str(tmp_path / "rng.sock"), socket_count=8, max_bytes=7, share=ShareMode.FAIR
+    ).validate()
     BandwidthScheduler(7, 1.0, 8, ShareMode.FAIR)
 
 
@@ -742,8 +761,8 @@ async def keep_ring_full(queue: DriverQueue, log: list[tuple[float, int]]) -> No
             log.append((trio.current_time(), used.len))
 
 
-@pytest.mark.parametrize("share", ["split", "fair"])
-async def test_real_time_limit_through_the_daemon(share: str) -> None:
+@pytest.mark.parametrize("share", list(ShareMode))
+async def test_real_time_limit_through_the_daemon(share: ShareMode) -> None:
     budget, period_ms, periods = 2048, 50, 12
     period = period_ms / 1000
     with tempfile.TemporaryDirectory(prefix="rngd-bw-") as tmp:

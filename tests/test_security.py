@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,13 @@ import trio
 
 from rngd.config import ConfigError, DaemonConfig
 from rngd.daemon import Daemon
-from rngd.testing import Frontend, daemon_in_process
+from rngd.testing import (
+    BackendDisconnected,
+    DaemonProcess,
+    Frontend,
+    daemon_in_process,
+    daemon_process,
+)
 
 PROG = [sys.executable, "-m", "rngd"]
 
@@ -148,11 +155,150 @@ async def test_exit_leaves_a_replaced_socket_path_alone(workdir: str) -> None:
 async def test_peer_credentials_logged_on_connect(
     workdir: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="rngd.daemon")
+    """One line per connection, once the features are negotiated: the peer's pid, uid and gid
+    with them."""
+    caplog.set_level(logging.INFO, logger="rngd.backend")
     async with daemon_in_process(os.path.join(workdir, "rng.sock")) as (path,):
         vmm = await Frontend.connect(path)
         async with vmm:
+            await vmm.start_qemu72(4)
+    expected = (
+        f"rng.sock0: VMM connected: pid={os.getpid()} uid={os.getuid()} gid={os.getgid()} features="
+    )
+    lines = [r.getMessage() for r in caplog.records if r.name == "rngd.backend"]
+    assert sum(line.startswith(expected) for line in lines) == 1, lines
+
+
+# -- --allow-uid: who may connect, whatever the socket file's mode -------------------------
+
+NOBODY = 65534
+
+#: Connects, asks GET_FEATURES and says whether the back-end answered.
+_PROBE = (
+    "import socket, struct, sys\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "s.connect(sys.argv[1])\n"
+    "s.settimeout(10)\n"
+    "try:\n"
+    " s.sendall(struct.pack('<III', 1, 1, 0))\n"  # GET_FEATURES, version 1, no payload
+    " data = s.recv(64)\n"
+    "except (BrokenPipeError, ConnectionResetError):\n"  # hung up before, or after, it sent
+    " data = b''\n"
+    "print('served' if data else 'refused')\n"
+)
+
+
+async def probe_as(uid: int, path: str) -> str:
+    """What a process of user `uid` gets from the socket at `path`: 'served' or 'refused'."""
+    # The system interpreter: the venv's may sit where user nobody cannot reach.
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    result = await trio.run_process(
+        [python, "-c", _PROBE, path], user=uid, group=uid, capture_stdout=True
+    )
+    return result.stdout.decode().strip()
+
+
+async def served_as_root(path: str) -> bool:
+    async with await Frontend.connect(path) as vmm:
+        try:
             await vmm.get_features()
-    expected = f"rng.sock0: VMM connected (pid {os.getpid()}, uid {os.getuid()}, gid {os.getgid()})"
-    lines = [r.getMessage() for r in caplog.records if r.name == "rngd.daemon"]
-    assert expected in lines, lines
+        except (BackendDisconnected, BrokenPipeError, ConnectionResetError):
+            return False
+    return True
+
+
+def refusals(daemon: DaemonProcess) -> list[str]:
+    return [line for line in daemon.log().splitlines() if "uid not allowed" in line]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+async def test_allow_uid_refuses_other_users_a_0666_socket_lets_in(workdir: str) -> None:
+    """--allow-uid 0 on a socket everyone may open: user nobody's connection is hung up with
+    one log line naming it; root's is served."""
+    os.chmod(workdir, 0o755)
+    async with daemon_process(
+        os.path.join(workdir, "rng.sock"),
+        log_level="info",
+        extra_args=["--socket-mode", "0666", "--allow-uid", "0"],
+    ) as daemon:
+        (path,) = daemon.socket_paths
+        assert await probe_as(NOBODY, path) == "refused"
+        (line,) = refusals(daemon)
+        assert "rng.sock0: connection refused (pid=" in line and f"uid={NOBODY} " in line
+        assert await served_as_root(path)
+        async with await Frontend.connect(path) as vmm:
+            await vmm.start_qemu72(4)
+            assert len(await vmm.read_random(256)) == 256
+        assert len(refusals(daemon)) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+async def test_allow_uid_refuses_root_when_not_listed(workdir: str) -> None:
+    """The list is the list: root is refused by --allow-uid 65534 (its refusals rate-limited
+    like other incidents, 10 lines then a count), nobody is served, and so is root once
+    listed too."""
+    os.chmod(workdir, 0o755)
+    base = os.path.join(workdir, "rng.sock")
+    async with daemon_process(
+        base,
+        log_level="info",
+        extra_args=["--socket-mode", "0666", "--allow-uid", str(NOBODY)],
+    ) as daemon:
+        (path,) = daemon.socket_paths
+        for _ in range(12):
+            assert not await served_as_root(path)
+        assert await probe_as(NOBODY, path) == "served"
+        lines = refusals(daemon)
+        # daemon_process's own probe (root) was the first refusal.
+        assert len(lines) == 10 and all(f"uid={os.getuid()} " in line for line in lines)
+    async with daemon_process(
+        base,
+        log_level="info",
+        extra_args=["--socket-mode", "0666", "--allow-uid", str(NOBODY), "--allow-uid", "0"],
+    ) as daemon:
+        (path,) = daemon.socket_paths
+        assert await served_as_root(path)
+        assert await probe_as(NOBODY, path) == "served"
+        assert refusals(daemon) == []
+
+
+def test_allow_uid_checks_the_peer_of_a_connected_fd() -> None:
+    """--fd: a peer whose uid is not listed is refused before anything is served (exit 1, one
+    line); a listed one is served until it hangs up."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        other = str(os.getuid() + 1)
+        result = subprocess.run(
+            [*PROG, "--fd", str(theirs.fileno()), "--allow-uid", other],
+            pass_fds=[theirs.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "--allow-uid" in result.stderr
+        process = subprocess.Popen(
+            [*PROG, "--fd", str(theirs.fileno()), "--allow-uid", str(os.getuid())],
+            pass_fds=[theirs.fileno()],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        ours.sendall(struct.pack("<III", 1, 1, 0))  # GET_FEATURES
+        ours.settimeout(20)
+        assert len(ours.recv(64)) == 20
+        ours.close()
+        assert process.wait(timeout=20) == 0
+
+
+def test_allow_uid_must_be_a_uid(workdir: str) -> None:
+    result = subprocess.run(
+        [*PROG, "-s", os.path.join(workdir, "rng.sock"), "--allow-uid", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "--allow-uid" in result.stderr
+    assert os.listdir(workdir) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from rngd.bandwidth import ShareMode
 from rngd.testing import Frontend, daemon_in_process
 
 PERIOD_MS = 10_000
@@ -73,7 +74,9 @@ async def test_fair_share_lets_a_lone_guest_use_the_whole_budget(
     threaded_autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with (
-        daemon_in_process(socket_count=4, max_bytes=256, period_ms=PERIOD_MS, share="fair") as p,
+        daemon_in_process(
+            socket_count=4, max_bytes=256, period_ms=PERIOD_MS, share=ShareMode.FAIR
+        ) as p,
         await Frontend.connect(p[0]) as vmm,
     ):
         await vmm.start_qemu72(4)
