@@ -457,11 +457,13 @@ class Frontend:
         indirect: bool = True,
         queue_size: int = 4,
         base: int | None = 0,
+        wait_enable: bool = False,
     ) -> DriverQueue:
         """The guest driver starts the device: QEMU 7.2's vhost_dev_start sequence (as it
         goes on the wire against rngd, which offers STATUS and CONFIGURE_MEM_SLOTS).
 
         ``base`` None leaves SET_VRING_BASE out (the back-end's own idea of the base holds).
+        ``wait_enable`` asks for a reply to SET_VRING_ENABLE, as QEMU 10 does.
         """
         if queue is None:
             queue = self.prepare_driver(queue_size, event_idx=event_idx)
@@ -507,7 +509,7 @@ class Frontend:
         os.write(self.kick_fd, (1).to_bytes(8, "little"))
         await self.set_vring_kick(index, self.kick_fd)
         if features & VirtioFeatures.PROTOCOL_FEATURES:
-            await self.set_vring_enable(index, True)
+            await self.set_vring_enable(index, True, need_reply=wait_enable and self.reply_ack)
         await self.set_vring_call(index, self.call_fd)
         return queue
 
