@@ -14,9 +14,9 @@ MAX_PAYLOAD_SIZE = 4096
 #: VHOST_MEMORY_BASELINE_NREGIONS: the most regions (and so fds) one SET_MEM_TABLE can carry.
 MAX_MEMORY_REGIONS = 8
 #: GET_MAX_MEM_SLOTS: the most regions ADD_MEM_REG may build up. 509 is what QEMU's
-#: libvhost-user and the kernel's vhost offer (KVM's usable memslots on x86), and QEMU never
-#: uses more (VHOST_USER_MAX_RAM_SLOTS, 512 in QEMU 7.2, 509 later). Each region costs one
-#: mapping, no fd (the fd is closed once mapped), and a lookup in a sorted table.
+#: libvhost-user and the kernel's vhost offer (KVM's usable memslots on x86); QEMU caps the
+#: answer at its own VHOST_USER_MAX_RAM_SLOTS anyway. Each region costs one mapping, no fd
+#: (the fd is closed once mapped), and a bisection in a sorted table.
 MAX_MEM_SLOTS = 509
 #: VHOST_USER_MAX_CONFIG_SIZE: the largest configuration space GET/SET_CONFIG may address.
 MAX_CONFIG_SIZE = 256
