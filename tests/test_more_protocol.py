@@ -8,11 +8,12 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import trio
 
-from rngd.protocol.codec import Message, MessageReader, encode_message
+from rngd.protocol.codec import Message, MessageError, MessageReader, encode_message
 from rngd.protocol.constants import (
     MAX_MEM_SLOTS,
     ProtocolFeatures,
@@ -382,3 +383,28 @@ async def test_a_region_the_ring_lives_in_can_go_and_come_back(
                 got += await vmm.read_random(320)
                 assert got == source[1][: len(got)]
         assert "vring 0 not started" in daemon.log()
+
+
+def _readme_requests() -> dict[str, str]:
+    """Request name -> what the README's request table says rngd does with it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| code | request | what rngd does |", 1)[1].split("\n\n", 1)[0]
+    rows: dict[str, str] = {}
+    for line in table.splitlines()[2:]:
+        _code, names, what = (cell.strip() for cell in line.strip().strip("|").split("|"))
+        for name in names.split(", "):
+            rows[name.strip()] = what
+    return rows
+
+
+def test_readme_lists_every_request_and_refuses_what_it_says() -> None:
+    rows = _readme_requests()
+    assert set(rows) == {r.name for r in Request}
+    session = session_with(int(Session().protocol_features))
+    for request in Request:
+        handler = getattr(session, f"_on_{request.name.lower()}", None)
+        if rows[request.name].startswith("refused"):
+            with pytest.raises(MessageError):
+                session.handle(msg(request))
+        else:
+            assert handler is not None, request.name
