@@ -355,10 +355,21 @@ async def test_regions_added_and_removed_while_the_ring_runs(
                     assert extra.map[256:320] == b"\xaa" * 64
                     assert await vmm.read_random(640) == expected[len(got) : len(got) + 640]
 
-                    # A region overlapping a mapped one is refused and its fd closed.
+                    # Refused, the fd (if any) closed: a region overlapping a mapped one, an
+                    # fd that cannot be mapped, no fd at all.
                     overlap = MemoryRegion(0x8000, 4096, UVA_BASE + 0x90_0000_0000, 0)
                     with pytest.raises(BackendError, match="ADD_MEM_REG refused"):
                         await vmm.add_mem_reg(overlap, extra.fd, need_reply=True)
+                    not_memory = os.eventfd(0, os.EFD_CLOEXEC)
+                    try:
+                        with pytest.raises(BackendError, match="ADD_MEM_REG refused"):
+                            await vmm.add_mem_reg(extra.spec, not_memory, need_reply=True)
+                    finally:
+                        os.close(not_memory)
+                    payload = encode_memory_region(extra.spec)
+                    reply = await vmm.request(Request.ADD_MEM_REG, payload, need_reply=True)
+                    assert reply is not None and not reply.ok
+                    assert not mapped(daemon, ExtraRegion.NAME)
                     assert len(await vmm.read_random(64)) == 64
                     assert daemon.fd_count() == fds_running
                     assert "overlap" in daemon.log()
