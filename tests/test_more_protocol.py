@@ -419,3 +419,32 @@ def test_readme_lists_every_request_and_refuses_what_it_says() -> None:
                 session.handle(msg(request))
         else:
             assert handler is not None, request.name
+
+
+async def test_a_request_waiting_in_a_removed_region_is_never_written(
+    workdir: str, source: tuple[str, bytes]
+) -> None:
+    """A request whose buffer lies in a region waits for budget (64 bytes per 65 s, spent by
+    the request before it) when the region is removed: the ring stops with it unserved, the
+    region is unmapped, and on restart the request is completed empty; its bytes in the
+    VMM's memfd are never touched."""
+    async with daemon_process(
+        os.path.join(workdir, "rng.sock"), filename=source[0], max_bytes=64, period_ms=65536
+    ) as daemon:
+        extra = ExtraRegion(0x2_0000_0000)
+        try:
+            with trio.fail_after(STEP_TIMEOUT):
+                async with await Frontend.connect(daemon.socket_paths[0]) as vmm:
+                    await vmm.handshake()
+                    queue = await vmm.start(vmm.prepare_driver(8))
+                    await vmm.add_mem_reg(extra.spec, extra.fd, need_reply=True)
+                    assert await vmm.read_random(64) == source[1][:64]  # the period's budget
+                    queue.raw_post_buffer(7, extra.spec.guest_phys_addr, 64)
+                    queue.kick(force=True)
+                    await vmm.rem_mem_reg(extra.spec, extra.fd, need_reply=True)
+                    assert not mapped(daemon, ExtraRegion.NAME)
+                    (used,) = await queue.wait_used()
+                    assert (used.id, used.len) == (7, 0)
+                    assert extra.map[:64] == b"\xaa" * 64
+        finally:
+            extra.close()
