@@ -30,10 +30,13 @@ from rngd.protocol.constants import (
 from rngd.protocol.payloads import MemoryRegion
 from rngd.protocol.session import (
     REQUESTS_WITH_REPLY,
+    AddMemReg,
     Event,
     GetVringBase,
+    RemMemReg,
     Reply,
     RequestRejected,
+    ResetDevice,
     ResetOwner,
     Session,
     SetMemTable,
@@ -178,7 +181,7 @@ class Connection:
     def _release(self) -> None:
         if self._memory_tables > 1 or self._vring_starts > 1:
             log.info(
-                "%s%d memory tables and %d vring starts on this connection",
+                "%s%d memory changes and %d vring starts on this connection",
                 self.prefix,
                 self._memory_tables,
                 self._vring_starts,
@@ -192,15 +195,21 @@ class Connection:
     def _drop_resources(self) -> None:
         """Close every eventfd, unmap the memory and start the vrings' run-time state afresh
         (the vring tasks have stopped)."""
+        self._drop_vrings()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        self.session.memory_mapped([])
+
+    def _drop_vrings(self) -> None:
+        """Close every vring's eventfds and start their run-time state afresh (the vring tasks
+        have stopped)."""
         for vring in self.vrings:
             _close(vring.kick_fd)
             vring.kick_fd = None
             vring.call.replace(None)
             vring.err.replace(None)
         self.vrings = [Vring(i) for i in range(self.session.num_queues)]
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
 
     async def _serve(self) -> None:
         while True:
@@ -317,6 +326,16 @@ class Connection:
                 for vring in self.vrings:
                     await self._stop(vring)
                 self._drop_resources()
+            case ResetDevice():
+                for vring in self.vrings:
+                    await self._stop(vring)
+                self._drop_vrings()
+                log.debug("%sdevice reset by %s", self.prefix, message.name)
+            case AddMemReg(region, fd):
+                await self._add_mem_reg(region, fd)
+            case RemMemReg(region, fd):
+                _close(fd)
+                await self._rem_mem_reg(region)
         return self.session.ack(message, True)
 
     async def _set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None:
@@ -333,6 +352,7 @@ class Connection:
         old, self.memory = self.memory, new
         if old is not None:
             old.close()
+        self.session.memory_mapped(new.regions)
         self._memory_tables += 1
         log.log(
             logging.INFO if self._memory_tables == 1 else logging.DEBUG,
@@ -344,6 +364,49 @@ class Connection:
         # configured before the first table (or whose rings the old table did not hold).
         for vring in self.vrings:
             await self._restart(vring)
+
+    async def _add_mem_reg(self, region: MemoryRegion, fd: int) -> None:
+        """Map one more region. The rings stop while the table changes (their threads read it)
+        and start again on the new one."""
+        try:
+            mapped = GuestMemory.map_region(region, fd)
+        except GuestMemoryError as exc:
+            raise RequestRejected(f"region not mapped: {exc}") from exc
+        finally:
+            os.close(fd)
+        for vring in self.vrings:
+            await self._stop(vring)
+        if self.memory is None:
+            self.memory = GuestMemory([])
+        self.memory.add(mapped)
+        self._memory_changed(f"added gpa {region.guest_phys_addr:#x}+{region.memory_size:#x}")
+        await self._restart_all()
+
+    async def _rem_mem_reg(self, region: MemoryRegion) -> None:
+        """Unmap one region once no request uses it: stopping a ring waits for its thread to
+        finish the request in hand and drops the ring's views of guest memory."""
+        assert self.memory is not None  # the session checked the region is mapped
+        for vring in self.vrings:
+            await self._stop(vring)
+        self.memory.remove(region)
+        self._memory_changed(f"removed gpa {region.guest_phys_addr:#x}+{region.memory_size:#x}")
+        await self._restart_all()
+
+    def _memory_changed(self, what: str) -> None:
+        assert self.memory is not None
+        self.session.memory_mapped(self.memory.regions)
+        self._memory_tables += 1
+        log.debug("%smemory region %s (%d mapped)", self.prefix, what, len(self.memory.regions))
+
+    async def _restart_all(self) -> None:
+        """Start every ring that is ready on the memory as it now is. A ring whose addresses
+        the change took away stays stopped (the change itself stands) until the VMM maps them
+        again or reconfigures the ring."""
+        for vring in self.vrings:
+            try:
+                await self._restart(vring)
+            except RequestRejected as exc:
+                self.incident("%s", exc)
 
     async def _set_vring_fd(self, request: Request, vring: Vring, fd: int | None) -> None:
         if fd is not None:

@@ -7,6 +7,7 @@ guest-controlled addresses from reaching outside what the VMM mapped for us.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import mmap
 import os
@@ -35,15 +36,34 @@ class MappedRegion:
 _Range = tuple[int, int, memoryview, int]
 
 
+def _start(r: _Range) -> int:
+    return r[0]
+
+
 class GuestMemory:
-    """The mapped regions of one memory table. Closing unmaps them."""
+    """The mapped regions of one memory table. Closing unmaps them.
+
+    Regions come all at once (SET_MEM_TABLE: `map`) or one by one (ADD_MEM_REG: `add`,
+    REM_MEM_REG: `remove`). Nobody may be translating while the table changes: the back-end
+    stops the rings first.
+    """
 
     def __init__(self, regions: Sequence[MappedRegion]) -> None:
         self._regions = list(regions)
+        self._gpa: list[_Range] = []
+        self._uva: list[_Range] = []
+        self._gpa_starts: list[int] = []
+        self._uva_starts: list[int] = []
+        self._index()
+
+    def _index(self) -> None:
         # Two address spaces index the same regions: descriptors hold guest-physical
-        # addresses, SET_VRING_ADDR the VMM's own virtual ones.
-        self._gpa = [_range(r, r.spec.guest_phys_addr) for r in self._regions]
-        self._uva = [_range(r, r.spec.userspace_addr) for r in self._regions]
+        # addresses, SET_VRING_ADDR the VMM's own virtual ones. Each is sorted by start (the
+        # regions never overlap), so a lookup is a bisection even with hundreds of regions.
+        self._gpa = sorted((_range(r, r.spec.guest_phys_addr) for r in self._regions), key=_start)
+        self._uva = sorted((_range(r, r.spec.userspace_addr) for r in self._regions), key=_start)
+        self._gpa_starts = [r[0] for r in self._gpa]
+        self._uva_starts = [r[0] for r in self._uva]
 
     @classmethod
     def map(cls, specs: Sequence[MemoryRegion], fds: Sequence[int]) -> GuestMemory:
@@ -62,6 +82,27 @@ class GuestMemory:
             raise
         return cls(mapped)
 
+    @staticmethod
+    def map_region(spec: MemoryRegion, fd: int) -> MappedRegion:
+        """Map one region from its fd (the caller's to close), for `add`."""
+        return _map_region(spec, fd)
+
+    def add(self, region: MappedRegion) -> None:
+        """Take a region mapped with `map_region` (its addresses overlap no other: checked by
+        the session)."""
+        self._regions.append(region)
+        self._index()
+
+    def remove(self, spec: MemoryRegion) -> None:
+        """Unmap the region described by `spec` (as it was added)."""
+        for i, region in enumerate(self._regions):
+            if region.spec == spec:
+                del self._regions[i]
+                self._index()
+                _unmap(region)
+                return
+        raise GuestMemoryError(f"no region at gpa {spec.guest_phys_addr:#x} to remove")
+
     @property
     def regions(self) -> list[MemoryRegion]:
         return [r.spec for r in self._regions]
@@ -70,14 +111,19 @@ class GuestMemory:
         """(region view, offset) of `length` bytes at `addr`, a guest-physical address, or with
         `vmm` a VMM-virtual one (vring addresses). Slice the view to use it, and release the
         slice before `close` (it pins the mapping)."""
-        for start, end, view, base in self._uva if vmm else self._gpa:
-            if start <= addr and addr + length <= end:
+        ranges, starts = (self._uva, self._uva_starts) if vmm else (self._gpa, self._gpa_starts)
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0:
+            start, end, view, base = ranges[i]
+            if addr + length <= end:
                 return view, base + addr - start
         raise GuestMemoryError(f"{length} bytes at {addr:#x} are not inside one memory region")
 
     def close(self) -> None:
         self._gpa.clear()
         self._uva.clear()
+        self._gpa_starts.clear()
+        self._uva_starts.clear()
         for region in self._regions:
             _unmap(region)
         self._regions.clear()

@@ -13,6 +13,13 @@ HEADER_SIZE = 12
 MAX_PAYLOAD_SIZE = 4096
 #: VHOST_MEMORY_BASELINE_NREGIONS: the most regions (and so fds) one SET_MEM_TABLE can carry.
 MAX_MEMORY_REGIONS = 8
+#: GET_MAX_MEM_SLOTS: the most regions ADD_MEM_REG may build up. 509 is what QEMU's
+#: libvhost-user and the kernel's vhost offer (KVM's usable memslots on x86); QEMU caps the
+#: answer at its own VHOST_USER_MAX_RAM_SLOTS anyway. Each region costs one mapping, no fd
+#: (the fd is closed once mapped), and a bisection in a sorted table.
+MAX_MEM_SLOTS = 509
+#: VHOST_USER_MAX_CONFIG_SIZE: the largest configuration space GET/SET_CONFIG may address.
+MAX_CONFIG_SIZE = 256
 #: Ancillary space we read per message: a little more than the largest legal number of fds, so
 #: that a peer sending too many is detected (and its extra fds closed) instead of truncated.
 MAX_FDS_PER_MESSAGE = 16
@@ -116,7 +123,16 @@ RNG_DEVICE_FEATURES = (
     | VirtioFeatures.RING_INDIRECT_DESC
     | VirtioFeatures.NOTIFY_ON_EMPTY
 )
-RNG_PROTOCOL_FEATURES = ProtocolFeatures.MQ | ProtocolFeatures.REPLY_ACK
+#: vhost-device-rng offers MQ and REPLY_ACK; we add device reset (RESET_DEVICE, STATUS) and
+#: more than 8 memory regions (CONFIGURE_MEM_SLOTS). No CONFIG: virtio-rng has no
+#: configuration space.
+RNG_PROTOCOL_FEATURES = (
+    ProtocolFeatures.MQ
+    | ProtocolFeatures.REPLY_ACK
+    | ProtocolFeatures.RESET_DEVICE
+    | ProtocolFeatures.CONFIGURE_MEM_SLOTS
+    | ProtocolFeatures.STATUS
+)
 #: virtio-rng has exactly one queue ("requestq").
 RNG_NUM_QUEUES = 1
 #: Largest queue size we accept (the split ring allows 32768; vhost-device-rng uses 1024).

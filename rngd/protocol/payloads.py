@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from rngd.protocol.codec import Message, MessageError
 from rngd.protocol.constants import (
+    MAX_CONFIG_SIZE,
     MAX_MEMORY_REGIONS,
     VRING_INDEX_MASK,
     VRING_NOFD_MASK,
@@ -18,6 +19,8 @@ _ADDR = struct.Struct("<IIQQQQ")
 _MEM_HEADER = struct.Struct("<II")
 _REGION = struct.Struct("<QQQQ")
 _U64 = struct.Struct("<Q")
+_MEM_REG = struct.Struct("<QQQQQ")
+_CONFIG_HEADER = struct.Struct("<III")
 
 
 def _expect_size(message: Message, size: int) -> None:
@@ -118,6 +121,43 @@ def decode_memory_table(message: Message) -> list[MemoryRegion]:
     ]
     check_regions(regions)
     return regions
+
+
+def decode_memory_region(message: Message) -> MemoryRegion:
+    """ADD_MEM_REG / REM_MEM_REG: a u64 of padding, then one region (checked on its own)."""
+    _expect_size(message, _MEM_REG.size)
+    _padding, *fields = _MEM_REG.unpack(message.payload)
+    region = MemoryRegion(*fields)
+    check_regions([region])
+    return region
+
+
+def encode_memory_region(region: MemoryRegion) -> bytes:
+    return _U64.pack(0) + region.encode()
+
+
+@dataclass(frozen=True)
+class ConfigSpace:
+    """GET_CONFIG / SET_CONFIG: which bytes of the device's configuration space, and (SET)
+    their new contents (GET: as many bytes as the front-end wants back, their values unused)."""
+
+    offset: int
+    size: int
+    flags: int
+    data: bytes
+
+    @classmethod
+    def decode(cls, message: Message) -> ConfigSpace:
+        if len(message.payload) < _CONFIG_HEADER.size:
+            raise MessageError(f"{message.name}: payload of {len(message.payload)} bytes")
+        offset, size, flags = _CONFIG_HEADER.unpack_from(message.payload)
+        if size > MAX_CONFIG_SIZE:
+            raise MessageError(f"{message.name}: {size} bytes (at most {MAX_CONFIG_SIZE})")
+        _expect_size(message, _CONFIG_HEADER.size + size)
+        return cls(offset, size, flags, message.payload[_CONFIG_HEADER.size :])
+
+    def encode(self) -> bytes:
+        return _CONFIG_HEADER.pack(self.offset, self.size, self.flags) + self.data
 
 
 def encode_memory_table(regions: list[MemoryRegion]) -> bytes:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from rngd.protocol.codec import Message, MessageError, decode_u64, encode_reply, encode_u64
 from rngd.protocol.constants import (
+    MAX_MEM_SLOTS,
     MAX_QUEUE_SIZE,
     RNG_DEVICE_FEATURES,
     RNG_NUM_QUEUES,
@@ -23,10 +24,13 @@ from rngd.protocol.constants import (
     VirtioFeatures,
 )
 from rngd.protocol.payloads import (
+    ConfigSpace,
     MemoryRegion,
     VringAddr,
     VringFd,
     VringState,
+    check_regions,
+    decode_memory_region,
     decode_memory_table,
 )
 
@@ -126,7 +130,45 @@ class ResetOwner:
     pass
 
 
-Event = Reply | SetMemTable | SetVringFd | SetVringBase | GetVringBase | VringChanged | ResetOwner
+@dataclass(frozen=True)
+class ResetDevice:
+    """RESET_DEVICE, or SET_STATUS 0: stop every ring and forget its fds and where it stood.
+    The owner, the protocol features and the memory regions stay (the front-end does not
+    send its memory again after a reset: with CONFIGURE_MEM_SLOTS it sends only changes)."""
+
+
+@dataclass(frozen=True)
+class AddMemReg:
+    """Map `region` from `fd` (the I/O layer's to close) and report it with `memory_mapped`."""
+
+    region: MemoryRegion
+    fd: int
+
+
+@dataclass(frozen=True)
+class RemMemReg:
+    """Unmap `region` (as it was added) and report it with `memory_mapped`. `fd` is one QEMU
+    sends along for no use (the specification tolerates it): the I/O layer closes it."""
+
+    region: MemoryRegion
+    fd: int | None
+
+
+Event = (
+    Reply
+    | SetMemTable
+    | SetVringFd
+    | SetVringBase
+    | GetVringBase
+    | VringChanged
+    | ResetOwner
+    | ResetDevice
+    | AddMemReg
+    | RemMemReg
+)
+
+#: Device status bits (virtio 1.2, 2.1) fit in a byte; anything above is not a status.
+_STATUS_MASK = 0xFF
 
 
 @dataclass
@@ -140,6 +182,12 @@ class Session:
     owner: bool = False
     features_set: bool = False
     vrings: list[VringConfig] = field(default_factory=list)
+    #: The device status byte SET_STATUS last gave (0 after a reset), for GET_STATUS.
+    status: int = 0
+    max_mem_slots: int = MAX_MEM_SLOTS
+    #: The regions the I/O layer has mapped, as it reports them (`memory_mapped`): what
+    #: ADD_MEM_REG and REM_MEM_REG are checked against.
+    regions: list[MemoryRegion] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.vrings = [VringConfig() for _ in range(self.num_queues)]
@@ -152,6 +200,14 @@ class Session:
     @property
     def reply_ack(self) -> bool:
         return bool(self.acked_protocol_features & ProtocolFeatures.REPLY_ACK)
+
+    def has_protocol_feature(self, bit: ProtocolFeatures) -> bool:
+        return bool(self.acked_protocol_features & bit)
+
+    def memory_mapped(self, regions: list[MemoryRegion]) -> None:
+        """The I/O layer has mapped exactly `regions` (after SET_MEM_TABLE, ADD_MEM_REG or
+        REM_MEM_REG succeeded, or memory was dropped)."""
+        self.regions = list(regions)
 
     # --- replies ---
 
@@ -239,8 +295,86 @@ class Session:
         self.owner = False
         self.acked_features = 0
         self.features_set = False
+        self.status = 0
         self.vrings = [VringConfig() for _ in range(self.num_queues)]
         return ResetOwner()
+
+    def _require(self, bit: ProtocolFeatures, message: Message) -> None:
+        if not self.acked_protocol_features & bit:
+            raise RequestRejected(f"{message.name} without {bit.name} negotiated")
+
+    def _reset_device(self) -> ResetDevice:
+        """Back to the state after SET_OWNER: no virtio features, no ring configuration, status
+        0. PROTOCOL_FEATURES is not a virtio feature but the connection's (it says rings start
+        disabled and SET_VRING_ENABLE exists), so it stays acked, like the protocol features."""
+        self.acked_features &= int(VirtioFeatures.PROTOCOL_FEATURES)
+        self.features_set = False
+        self.status = 0
+        self.vrings = [VringConfig() for _ in range(self.num_queues)]
+        return ResetDevice()
+
+    def _on_reset_device(self, message: Message) -> Event:
+        self._require(ProtocolFeatures.RESET_DEVICE, message)
+        self._no_payload(message)
+        return self._reset_device()
+
+    def _on_set_status(self, message: Message) -> Event:
+        self._require(ProtocolFeatures.STATUS, message)
+        status = decode_u64(message)
+        if status & ~_STATUS_MASK:
+            raise RequestRejected(f"SET_STATUS {status:#x} is not a device status byte")
+        if status == 0:
+            # Writing 0 to the device status is how a virtio driver resets the device.
+            return self._reset_device()
+        self.status = status
+        return Reply(None)
+
+    def _on_get_status(self, message: Message) -> Event:
+        # A query is answered even without STATUS negotiated: an answer beats a hang-up.
+        return self._u64_reply(message, self.status)
+
+    def _on_get_config(self, message: Message) -> Event:
+        ConfigSpace.decode(message)
+        # virtio-rng has no configuration space, so no bytes of it can be read. The
+        # specification's answer to a GET_CONFIG the back-end cannot serve is a reply with an
+        # empty payload ("zero length of payload to indicate an error").
+        return Reply(encode_reply(message.request, b""))
+
+    def _on_set_config(self, message: Message) -> Event:
+        config = ConfigSpace.decode(message)
+        raise RequestRejected(
+            f"SET_CONFIG of {config.size} bytes at offset {config.offset}: an RNG device has "
+            "no configuration space"
+        )
+
+    def _on_get_max_mem_slots(self, message: Message) -> Event:
+        return self._u64_reply(message, self.max_mem_slots)
+
+    def _on_add_mem_reg(self, message: Message) -> Event:
+        self._require(ProtocolFeatures.CONFIGURE_MEM_SLOTS, message)
+        region = decode_memory_region(message)
+        if len(self.regions) >= self.max_mem_slots:
+            raise RequestRejected(f"ADD_MEM_REG: all {self.max_mem_slots} slots are in use")
+        check_regions([*self.regions, region])
+        return AddMemReg(region, message.take_fd())
+
+    def _on_rem_mem_reg(self, message: Message) -> Event:
+        self._require(ProtocolFeatures.CONFIGURE_MEM_SLOTS, message)
+        wanted = decode_memory_region(message)
+        if len(message.fds) > 1:
+            raise MessageError(f"REM_MEM_REG with {len(message.fds)} fds")
+        # Identified by guest address, VMM address and size; the mmap offset is not compared.
+        for region in self.regions:
+            if (region.guest_phys_addr, region.userspace_addr, region.memory_size) == (
+                wanted.guest_phys_addr,
+                wanted.userspace_addr,
+                wanted.memory_size,
+            ):
+                return RemMemReg(region, message.take_fd() if message.fds else None)
+        raise RequestRejected(
+            f"REM_MEM_REG: no region at gpa {wanted.guest_phys_addr:#x} "
+            f"(uva {wanted.userspace_addr:#x}, size {wanted.memory_size:#x})"
+        )
 
     def _on_set_mem_table(self, message: Message) -> Event:
         regions = decode_memory_table(message)

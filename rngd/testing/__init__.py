@@ -41,6 +41,10 @@ from rngd.testing.driver import (
 )
 from rngd.testing.frontend import (
     QEMU72_PROTOCOL_FEATURES,
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
     BackendDisconnected,
     BackendError,
     Frontend,
@@ -66,6 +70,10 @@ __all__ = [
     "PAGE_SIZE",
     "POISON",
     "QEMU72_PROTOCOL_FEATURES",
+    "STATUS_ACKNOWLEDGE",
+    "STATUS_DRIVER",
+    "STATUS_DRIVER_OK",
+    "STATUS_FEATURES_OK",
     "USED_F_NO_NOTIFY",
     "UVA_BASE",
     "BackendDisconnected",

@@ -22,13 +22,26 @@ from rngd.protocol.constants import (
     Request,
     VirtioFeatures,
 )
-from rngd.protocol.payloads import MemoryRegion, VringAddr, VringState, encode_memory_table
+from rngd.protocol.payloads import (
+    ConfigSpace,
+    MemoryRegion,
+    VringAddr,
+    VringState,
+    encode_memory_region,
+    encode_memory_table,
+)
 from rngd.protocol.session import REQUESTS_WITH_REPLY
 from rngd.testing.driver import DriverQueue
 from rngd.testing.guest_memory import PAGE_SIZE, UVA_BASE, GuestMemory
 
-#: Protocol features QEMU 7.2 knows (bits 0..15): it acks the intersection with the offer.
-QEMU72_PROTOCOL_FEATURES = ProtocolFeatures((1 << 16) - 1)
+#: Protocol features QEMU 7.2 knows (bits 0..16, STATUS the last): it acks the intersection
+#: with the offer.
+QEMU72_PROTOCOL_FEATURES = ProtocolFeatures((1 << 17) - 1)
+#: Device status bits (virtio 1.2, 2.1) QEMU sets through SET_STATUS.
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
 
 _U64_SIZE = 8
 _MAX_REPLY_FDS = 8
@@ -110,6 +123,12 @@ class Frontend:
         self.call_fd: int | None = None
         self.err_fd: int | None = None
         self.kick_fd: int | None = None
+        #: GET_MAX_MEM_SLOTS's answer, when CONFIGURE_MEM_SLOTS was negotiated.
+        self.max_mem_slots: int | None = None
+        #: With CONFIGURE_MEM_SLOTS: the regions the back-end has been given (ADD_MEM_REG) and
+        #: not taken back (REM_MEM_REG), with their fds: QEMU's shadow table, which it diffs
+        #: each new memory table against.
+        self.shadow: list[tuple[MemoryRegion, int]] = []
         self._closed = False
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -280,7 +299,9 @@ class Frontend:
         await self._set(Request.SET_OWNER, b"", need_reply=need_reply)
 
     async def reset_owner(self, *, need_reply: bool = False) -> None:
+        """RESET_OWNER: the back-end forgets the owner's memory too, so the shadow table goes."""
         await self._set(Request.RESET_OWNER, b"", need_reply=need_reply)
+        self.shadow.clear()
 
     async def set_mem_table(self, memory: GuestMemory, *, need_reply: bool = False) -> None:
         await self._set(
@@ -331,6 +352,62 @@ class Frontend:
     async def get_max_mem_slots(self) -> int:
         return await self._get_u64(Request.GET_MAX_MEM_SLOTS)
 
+    async def add_mem_reg(self, region: MemoryRegion, fd: int, *, need_reply: bool = False) -> None:
+        await self._set(Request.ADD_MEM_REG, encode_memory_region(region), (fd,), need_reply)
+
+    async def rem_mem_reg(
+        self, region: MemoryRegion, fd: int | None = None, *, need_reply: bool = False
+    ) -> None:
+        """``fd``: QEMU sends the region's fd along (the specification tolerates it)."""
+        fds = () if fd is None else (fd,)
+        await self._set(Request.REM_MEM_REG, encode_memory_region(region), fds, need_reply)
+
+    async def reset_device(self, *, need_reply: bool = False) -> None:
+        await self._set(Request.RESET_DEVICE, b"", need_reply=need_reply)
+
+    async def get_status(self) -> int:
+        return await self._get_u64(Request.GET_STATUS)
+
+    async def set_status(self, status: int, *, need_reply: bool = False) -> None:
+        await self._set(Request.SET_STATUS, encode_u64(status), need_reply=need_reply)
+
+    async def add_status(self, status: int) -> None:
+        """QEMU's vhost_user_add_status: GET_STATUS, then SET_STATUS with ``status`` added
+        unless it is there already."""
+        current = await self.get_status()
+        if current & status != status:
+            await self.set_status(current | status, need_reply=self.reply_ack)
+
+    async def get_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG as QEMU sends it; returns the reply's payload as it came (a back-end
+        without such bytes answers an empty payload)."""
+        payload = ConfigSpace(offset, size, 0, bytes(size)).encode()
+        reply = await self.request(Request.GET_CONFIG, payload)
+        assert reply is not None
+        return reply.payload
+
+    async def set_config(self, offset: int, data: bytes, *, need_reply: bool = False) -> None:
+        payload = ConfigSpace(offset, len(data), 0, data).encode()
+        await self._set(Request.SET_CONFIG, payload, need_reply=need_reply)
+
+    async def set_memory(self, memory: GuestMemory, *, need_reply: bool = False) -> None:
+        """Give the back-end ``memory`` as QEMU 7.2's vhost_user_set_mem_table does: one
+        SET_MEM_TABLE, or with CONFIGURE_MEM_SLOTS a REM_MEM_REG for each region of the shadow
+        table that is gone and then an ADD_MEM_REG for each new one (nothing if nothing
+        changed). A region is the same if its addresses, size and fd are."""
+        if not self.protocol_features & ProtocolFeatures.CONFIGURE_MEM_SLOTS:
+            await self.set_mem_table(memory, need_reply=need_reply)
+            return
+        wanted = list(zip(memory.table, memory.fds, strict=True))
+        for region, fd in list(self.shadow):
+            if (region, fd) not in wanted:
+                await self.rem_mem_reg(region, fd, need_reply=need_reply)
+                self.shadow.remove((region, fd))
+        for region, fd in wanted:
+            if (region, fd) not in self.shadow:
+                await self.add_mem_reg(region, fd, need_reply=need_reply)
+                self.shadow.append((region, fd))
+
     # -- QEMU 7.2 sequences -----------------------------------------------------------------
 
     async def handshake(
@@ -350,6 +427,8 @@ class Frontend:
             await self.set_protocol_features(offered & supported_protocol_features)
             if self.protocol_features & ProtocolFeatures.MQ:
                 await self.get_queue_num()
+            if self.protocol_features & ProtocolFeatures.CONFIGURE_MEM_SLOTS:
+                self.max_mem_slots = await self.get_max_mem_slots()
         await self.set_owner()
         await self.get_features()
 
@@ -378,10 +457,13 @@ class Frontend:
         indirect: bool = True,
         queue_size: int = 4,
         base: int | None = 0,
+        wait_enable: bool = False,
     ) -> DriverQueue:
-        """The guest driver starts the device: QEMU 7.2's vhost_dev_start sequence.
+        """The guest driver starts the device: QEMU 7.2's vhost_dev_start sequence (as it
+        goes on the wire against rngd, which offers STATUS and CONFIGURE_MEM_SLOTS).
 
         ``base`` None leaves SET_VRING_BASE out (the back-end's own idea of the base holds).
+        ``wait_enable`` asks for a reply to SET_VRING_ENABLE, as QEMU 10 does.
         """
         if queue is None:
             queue = self.prepare_driver(queue_size, event_idx=event_idx)
@@ -415,7 +497,9 @@ class Frontend:
         await self.set_vring_err(index, self.err_fd)
         await self.set_vring_call(index, self.masked_call_fd)
         await self.set_features(features)
-        await self.set_mem_table(queue.memory, need_reply=self.reply_ack)
+        if self.protocol_features & ProtocolFeatures.STATUS:
+            await self.add_status(STATUS_FEATURES_OK)
+        await self.set_memory(queue.memory, need_reply=self.reply_ack)
         if old_memory is not None and old_memory is not queue.memory:
             old_memory.close()
         await self.set_vring_num(index, queue.size)
@@ -425,7 +509,7 @@ class Frontend:
         os.write(self.kick_fd, (1).to_bytes(8, "little"))
         await self.set_vring_kick(index, self.kick_fd)
         if features & VirtioFeatures.PROTOCOL_FEATURES:
-            await self.set_vring_enable(index, True)
+            await self.set_vring_enable(index, True, need_reply=wait_enable and self.reply_ack)
         await self.set_vring_call(index, self.call_fd)
         return queue
 

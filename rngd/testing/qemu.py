@@ -84,6 +84,7 @@ def qemu_command(
     smp: int = 1,
     serial: str = "stdio",
     name: str | None = None,
+    dimms: int = 0,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line for one guest with one vhost-user-rng device per socket.
@@ -97,7 +98,8 @@ def qemu_command(
     cmd = [qemu, "-nodefaults", "-no-user-config", "-display", "none"]
     if name:
         cmd += ["-name", name]
-    cmd += ["-accel", accel, "-m", memory, "-smp", str(smp)]
+    ram = f"{memory},slots={max(dimms, 1)},maxmem=4G" if dimms else memory
+    cmd += ["-accel", accel, "-m", ram, "-smp", str(smp)]
     if accel == "kvm":
         cmd += ["-cpu", "host"]
     cmd += [
@@ -106,6 +108,13 @@ def qemu_command(
         "-machine",
         "pc,memory-backend=mem",
     ]
+    for index in range(dimms):
+        cmd += [
+            "-object",
+            f"memory-backend-memfd,id=dimm-mem{index},size=64M,share=on",
+            "-device",
+            f"pc-dimm,id=dimm{index},memdev=dimm-mem{index}",
+        ]
     for index, path in enumerate(sockets):
         cmd += [
             "-chardev",
