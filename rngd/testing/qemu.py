@@ -554,6 +554,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     guests.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     guests.add_argument("--qemu", help=f"QEMU binary (default {QEMU_BINARY} or $RNGD_QEMU)")
+    guests.add_argument(
+        "--qemu-root",
+        type=Path,
+        help="run the QEMU unpacked here (by scripts/fetch-qemu-backports) with its own "
+        "modules and firmware",
+    )
     guests.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM (default 256M)")
     guests.add_argument("--kernel", type=Path, help="boot your own kernel")
     guests.add_argument("--initrd", type=Path, help="... with this initramfs")
@@ -596,7 +602,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("error: --shell needs exactly one guest")
         return 2
     try:
-        qemu = find_qemu(args.qemu)
+        build = (
+            QemuBuild.unpacked(args.qemu_root)
+            if args.qemu_root
+            else QemuBuild(find_qemu(args.qemu))
+        )
     except QemuError as exc:
         say(f"error: {exc}")
         return 127
@@ -608,8 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except GuestBuildError as exc:
             say(f"error: cannot build the test guest: {exc}")
             return 1
-    accel = choose_accel(args.accel, qemu, guest, log=say)
-    say(f"{qemu_version(qemu)}, accelerator {accel}")
+    qemu = build.binary
+    accel = choose_accel(args.accel, qemu, guest, log=say, extra=build.args, env=build.env)
+    say(f"{build.version()}, accelerator {accel}")
 
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -667,13 +678,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     memory=args.memory,
                     name=name,
                     serial="mon:stdio" if args.shell else "stdio",
-                    extra=args.qemu_arg,
+                    extra=[*build.args, *args.qemu_arg],
                 )
                 say(f"+ {shlex.join(cmd)}")
                 if args.shell:
                     # Interactive: QEMU owns the terminal (Ctrl-A X quits it); we just wait.
                     signal.signal(signal.SIGINT, signal.SIG_IGN)
-                    return subprocess.run(cmd, check=False).returncode
+                    env = {**os.environ, **build.env}
+                    return subprocess.run(cmd, check=False, env=env).returncode
                 prefix = f"[{name}] " if args.guests > 1 else ""
 
                 def echo(line: str, prefix: str = prefix) -> None:
@@ -686,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         name=name,
                         log_path=log_path,
                         echo=echo,
+                        env=build.env,
                     )
                 )
             deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
