@@ -4,7 +4,14 @@ Each test starts `python -m rngd` and boots the test guest (rngd/testing/guest.p
 kernel, busybox, the virtio modules) under QEMU, KVM if a probe boot shows it works, else TCG.
 The guest prints what it read as `RNGTEST` lines on its serial console.
 
+Two QEMUs: the system's (Debian 12: 7.2) runs every test; Debian 12 backports' (10.x), unpacked
+beside it by scripts/fetch-qemu-backports, runs the tests marked `both_qemus` (ids `[system]`
+and `[backports]`). QEMU 10 differs on the wire: it waits for a reply to SET_VRING_ENABLE
+(REPLY_ACK), and it would send GET_STATUS right after SET_FEATURES if rngd offered STATUS.
+
 Without QEMU these tests skip, except under CI (CI=true), where they fail: CI must run them.
+The same goes for the backports' QEMU: found through $RNGD_QEMU_BACKPORTS (scripts/test sets
+it) or in this checkout's .cache/qemu-backports.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -30,6 +39,8 @@ from rngd.testing.guest import (
     match_stream,
 )
 from rngd.testing.qemu import (
+    BACKPORTS_ROOT_ENV,
+    QemuBuild,
     QemuError,
     QemuGuest,
     Rngd,
@@ -51,18 +62,60 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
 
-@pytest.fixture(scope="module")
-def qemu() -> str:
+def _unavailable(message: str) -> NoReturn:
+    if _in_ci():
+        pytest.fail(f"CI must run the QEMU tests: {message}")
+    pytest.skip(message)
+
+
+def _backports_root() -> Path | None:
+    """Where scripts/fetch-qemu-backports unpacked QEMU: as scripts/test says, else the newest
+    version cached in this checkout."""
+    env = os.environ.get(BACKPORTS_ROOT_ENV)
+    if env:
+        return Path(env)
+    cache = Path(__file__).resolve().parents[1] / ".cache" / "qemu-backports"
+    done = sorted(cache.glob("*/ok"), key=lambda ok: ok.stat().st_mtime)
+    return done[-1].parent / "root" if done else None
+
+
+def _backports_qemu() -> QemuBuild:
+    root = _backports_root()
+    if root is None:
+        _unavailable(
+            "Debian backports' QEMU is not unpacked: run scripts/fetch-qemu-backports as root "
+            f"(or set ${BACKPORTS_ROOT_ENV})"
+        )
     try:
-        return find_qemu()
+        build = QemuBuild.unpacked(root)
     except QemuError as exc:
-        if _in_ci():
-            pytest.fail(f"CI must run the QEMU tests: {exc}")
-        pytest.skip(str(exc))
+        pytest.fail(f"${BACKPORTS_ROOT_ENV} or the cache is wrong: {exc}")
+    # What this variant is for: a QEMU that talks vhost-user the newer way.
+    assert build.major() >= 10, f"backports' QEMU is {build.version()}, not 10 or later"
+    return build
+
+
+#: Runs a test against the system's QEMU and against the backports' (10.x) QEMU.
+both_qemus = pytest.mark.parametrize("qemu", ["system", "backports"], indirect=True)
 
 
 @pytest.fixture(scope="module")
-def guest(qemu: str) -> TestGuest:
+def qemu(request: pytest.FixtureRequest) -> QemuBuild:
+    """The system's QEMU, or with `both_qemus` the backports' one too."""
+    which = getattr(request, "param", "system")
+    if which == "backports":
+        build = _backports_qemu()
+    else:
+        try:
+            build = QemuBuild(find_qemu())
+        except QemuError as exc:
+            _unavailable(str(exc))
+    print(f"{which} QEMU: {build.version()}")
+    return build
+
+
+@pytest.fixture(scope="module")
+def guest() -> TestGuest:
     try:
         return build_test_guest()
     except GuestBuildError as exc:
@@ -70,8 +123,9 @@ def guest(qemu: str) -> TestGuest:
 
 
 @pytest.fixture(scope="module")
-def accel(qemu: str, guest: TestGuest) -> str:
-    return choose_accel(os.environ.get("RNGD_QEMU_ACCEL", "auto"), qemu, guest)
+def accel(qemu: QemuBuild, guest: TestGuest) -> str:
+    mode = os.environ.get("RNGD_QEMU_ACCEL", "auto")
+    return choose_accel(mode, qemu.binary, guest, extra=qemu.args, env=qemu.env)
 
 
 @pytest.fixture
@@ -109,7 +163,7 @@ def start_rngd(workdir: Path) -> Iterator[StartRngd]:
 
 
 @pytest.fixture
-def boot(qemu: str, guest: TestGuest, accel: str, workdir: Path) -> Iterator[Boot]:
+def boot(qemu: QemuBuild, guest: TestGuest, accel: str, workdir: Path) -> Iterator[Boot]:
     """Boots the test guest on the given sockets; every QEMU is stopped at the end."""
     with ExitStack() as stack:
         count = 0
@@ -126,7 +180,7 @@ def boot(qemu: str, guest: TestGuest, accel: str, workdir: Path) -> Iterator[Boo
             nonlocal count
             count += 1
             cmd = qemu_command(
-                qemu,
+                qemu.binary,
                 accel=accel,
                 kernel=guest.kernel,
                 initrd=guest.initrd,
@@ -135,9 +189,11 @@ def boot(qemu: str, guest: TestGuest, accel: str, workdir: Path) -> Iterator[Boo
                 sockets=sockets,
                 name=f"guest{count}",
                 dimms=dimms,
+                extra=qemu.args,
             )
             log = workdir / f"guest{count}.log"
-            return stack.enter_context(QemuGuest(cmd, name=f"guest{count}", log_path=log))
+            vm = QemuGuest(cmd, name=f"guest{count}", log_path=log, env=qemu.env)
+            return stack.enter_context(vm)
 
         yield start
 
@@ -155,8 +211,18 @@ def _powered_off(vm: QemuGuest) -> None:
     assert code == 0, f"QEMU exited with {code}:\n{vm.output[-3000:]}"
 
 
-def test_guest_reads_256k_from_hwrng(start_rngd: StartRngd, boot: Boot) -> None:
-    rngd = start_rngd()
+def _requests(log: str) -> list[tuple[str, int]]:
+    """The vhost-user requests in rngd's debug log, in order, with their header flags."""
+    found = re.finditer(r" rngd\.backend: \S+: ([A-Z_]+) flags=(0x[0-9a-f]+) ", log)
+    return [(m.group(1), int(m.group(2), 16)) for m in found]
+
+
+NEED_REPLY = 1 << 3
+
+
+@both_qemus
+def test_guest_reads_256k_from_hwrng(qemu: QemuBuild, start_rngd: StartRngd, boot: Boot) -> None:
+    rngd = start_rngd(extra=["--log-level", "debug"])
     started = time.monotonic()
     vm = boot(rngd.sockets)
     report = _report(vm)
@@ -167,6 +233,19 @@ def test_guest_reads_256k_from_hwrng(start_rngd: StartRngd, boot: Boot) -> None:
         f"boot to report {booted:.1f} s; guest read {report.nbytes} B in {report.seconds:.3f} s "
         f"({report.nbytes / report.seconds:,.0f} B/s)"
     )
+    # Which start-up path this QEMU took: QEMU 10 waits for rngd's reply to SET_VRING_ENABLE
+    # (REPLY_ACK), 7.2 does not; and a GET_STATUS right after SET_FEATURES, once rngd offers
+    # STATUS. The guest above read its bytes either way.
+    requests = _requests(rngd.log())
+    names = [name for name, _ in requests]
+    assert "SET_FEATURES" in names and "SET_VRING_ENABLE" in names, rngd.log()[-3000:]
+    enables = [flags for name, flags in requests if name == "SET_VRING_ENABLE"]
+    print(f"{qemu.version()}: SET_VRING_ENABLE flags {[hex(f) for f in enables]}")
+    if qemu.major() >= 10:
+        assert all(flags & NEED_REPLY for flags in enables), requests
+        if "GET_STATUS" in names:  # rngd offered STATUS
+            assert names[names.index("SET_FEATURES") + 1] == "GET_STATUS", names
+    print(f"STATUS path taken: {'GET_STATUS' in names}")
 
 
 def test_guest_gets_the_source_file_in_order(
@@ -197,6 +276,7 @@ def test_guest_gets_the_source_file_in_order(
         assert hashlib.sha256(source[offset : offset + READ_BYTES]).hexdigest() == report.sha256
 
 
+@both_qemus
 def test_rate_limit_is_what_the_guest_sees(start_rngd: StartRngd, boot: Boot) -> None:
     max_bytes, period_ms = 4096, 100
     rate = max_bytes * 1000 / period_ms  # 40 KiB/s
@@ -228,6 +308,7 @@ def test_two_guests_on_two_sockets_at_once(start_rngd: StartRngd, boot: Boot) ->
         print(f"{vm.name}: {r.nbytes / r.seconds:,.0f} B/s while the other guest read too")
 
 
+@both_qemus
 def test_guest_reboot_keeps_working(start_rngd: StartRngd, boot: Boot) -> None:
     rngd = start_rngd()
     vm = boot(rngd.sockets, boots=2)
@@ -276,14 +357,43 @@ def test_new_qemu_after_sigkill_mid_read(start_rngd: StartRngd, boot: Boot) -> N
     assert report.nbytes == READ_BYTES
 
 
+def test_backports_qemu_uses_its_own_firmware_and_modules() -> None:
+    """The unpacked QEMU 10 must not load the system's (7.2) modules, which it refuses ("Only
+    modules from the same build can be loaded"), nor boot the system's firmware first."""
+    build = _backports_qemu()
+    search = subprocess.run(
+        [build.binary, *build.args, "-L", "help"],
+        env={**os.environ, **build.env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    root = Path(build.binary).parents[2]
+    assert [Path(line) for line in search[:2]] == [
+        root / "usr/share/qemu",
+        root / "usr/share/seabios",
+    ], search
+    # `-device help` loads every module it can find.
+    devices = subprocess.run(
+        [build.binary, *build.args, "-device", "help"],
+        env={**os.environ, **build.env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "same build" not in devices.stderr, devices.stderr
+    assert '"vhost-user-rng-pci"' in devices.stdout, devices.stdout
+
+
 def test_compare_rngd_with_builtin(
-    qemu: str, accel: str, guest: TestGuest, workdir: Path, capsys: pytest.CaptureFixture[str]
+    qemu: QemuBuild, accel: str, guest: TestGuest, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`rngd-qemu compare`, briefly: one round, rngd and QEMU's built-in device. Figures only
     have to exist and be positive; how they compare is for the benchmark, not a test."""
     nbytes = 64 * 1024
     result = workdir / "compare.json"
-    argv = ["compare", "--bytes", str(nbytes), "--rounds", "1", "--qemu", qemu, "--accel", accel]
+    argv = ["compare", "--bytes", str(nbytes), "--rounds", "1", "--qemu", qemu.binary]
+    argv += ["--accel", accel]
     status = main([*argv, "--json", str(result), "--log-dir", str(workdir / "logs")])
     out, err = capsys.readouterr()
     assert status == 0, err[-3000:]

@@ -6,6 +6,8 @@ consoles, and the same code serves a command-line helper and synchronous pytest 
 Pieces:
 - `find_qemu` and `choose_accel`: which QEMU, and KVM only if a guest actually boots with it
   (a nested host can have a /dev/kvm that runs firmware and then hangs in the guest kernel).
+- `QemuBuild`: a QEMU unpacked outside the system (scripts/fetch-qemu-backports), with the
+  arguments and environment that make it use its own firmware and modules.
 - `qemu_command`: the command line that wires a guest to a vhost-user socket.
 - `QemuGuest`: one running QEMU with its console captured line by line.
 - `Rngd`: one running daemon (`python -m rngd`) with its sockets.
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -65,9 +67,51 @@ def find_qemu(binary: str | None = None) -> str:
     return path
 
 
-def qemu_version(qemu: str) -> str:
-    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
+def qemu_version(qemu: str, env: Mapping[str, str] | None = None) -> str:
+    run_env = None if env is None else {**os.environ, **env}
+    out = subprocess.run(
+        [qemu, "--version"], capture_output=True, text=True, check=False, env=run_env
+    ).stdout
     return out.splitlines()[0] if out else "unknown"
+
+
+#: Where scripts/test says scripts/fetch-qemu-backports unpacked Debian backports' QEMU.
+BACKPORTS_ROOT_ENV = "RNGD_QEMU_BACKPORTS"
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuBuild:
+    """A QEMU to run: its binary, plus the arguments and environment it needs on top.
+
+    The system's QEMU needs nothing more. One unpacked from Debian packages beside it (`dpkg
+    -x`, see scripts/fetch-qemu-backports) must load its modules from its own build
+    (`QEMU_MODULE_DIR`; modules of another build are refused) and find its own firmware
+    (`-L`, searched before the built-in firmware path, which points at the system's copy).
+    """
+
+    binary: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def unpacked(cls, root: Path) -> QemuBuild:
+        """The qemu-system-x86_64 under `root`, a `dpkg -x` of Debian's QEMU packages."""
+        binary = root / "usr" / "bin" / QEMU_BINARY
+        if not binary.is_file():
+            raise QemuError(f"no {QEMU_BINARY} under {root}")
+        firmware = ("-L", str(root / "usr/share/qemu"), "-L", str(root / "usr/share/seabios"))
+        modules = root / "usr/lib/x86_64-linux-gnu/qemu"
+        return cls(str(binary), firmware, {"QEMU_MODULE_DIR": str(modules)})
+
+    def version(self) -> str:
+        return qemu_version(self.binary, self.env)
+
+    def major(self) -> int:
+        """The major version (10 for `QEMU emulator version 10.0.2 ...`), 0 if unknown."""
+        words = self.version().split()
+        number = words[3] if len(words) > 3 and words[:3] == ["QEMU", "emulator", "version"] else ""
+        head = number.split(".")[0]
+        return int(head) if head.isdigit() else 0
 
 
 def qemu_command(
@@ -152,17 +196,25 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def probe_kvm(qemu: str, guest: TestGuest, *, timeout: float = KVM_PROBE_TIMEOUT) -> str | None:
+def probe_kvm(
+    qemu: str,
+    guest: TestGuest,
+    *,
+    timeout: float = KVM_PROBE_TIMEOUT,
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> str | None:
     """None if the test guest boots to its report under KVM, else why not.
 
-    The answer is cached per host boot, QEMU and kernel, next to the test guest builds.
+    `extra` and `env` are what the QEMU needs on top (see `QemuBuild`). The answer is cached
+    per host boot, QEMU and kernel, next to the test guest builds.
     """
     if not os.path.exists("/dev/kvm"):
         return "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not accessible (add yourself to the kvm group)"
     key = hashlib.sha256(
-        f"{_boot_id()} {qemu} {qemu_version(qemu)} {guest.kernel}".encode()
+        f"{_boot_id()} {qemu} {qemu_version(qemu, env)} {guest.kernel}".encode()
     ).hexdigest()[:16]
     cache = default_cache_dir() / "kvm-probe.json"
     with contextlib.suppress(OSError, ValueError):
@@ -177,11 +229,11 @@ def probe_kvm(qemu: str, guest: TestGuest, *, timeout: float = KVM_PROBE_TIMEOUT
         initrd=guest.initrd,
         append=guest.append(bytes_to_read=0, wait=0),
         memory="128M",
-        extra=["-no-reboot"],
+        extra=["-no-reboot", *extra],
     )
     reason: str | None
     try:
-        with QemuGuest(cmd, name="kvm-probe") as probe:
+        with QemuGuest(cmd, name="kvm-probe", env=env) as probe:
             report = probe.wait_report(timeout=timeout)
             reason = None if report is not None else "QEMU exited: " + probe.output[-300:]
     except QemuError:
@@ -198,6 +250,8 @@ def choose_accel(
     guest: TestGuest | None = None,
     *,
     log: Callable[[str], None] | None = None,
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> str:
     """`kvm` or `tcg` for `mode` in auto/kvm/tcg; auto tries KVM by booting the test guest.
 
@@ -215,9 +269,9 @@ def choose_accel(
         except GuestBuildError as exc:
             reason = f"no test guest to try it with: {exc}"
         else:
-            reason = probe_kvm(qemu, guest)
+            reason = probe_kvm(qemu, guest, extra=extra, env=env)
     else:
-        reason = probe_kvm(qemu, guest)
+        reason = probe_kvm(qemu, guest, extra=extra, env=env)
     if reason is None:
         return "kvm"
     if log is not None:
@@ -239,7 +293,9 @@ class QemuGuest:
         name: str = "guest",
         log_path: Path | None = None,
         echo: Callable[[str], None] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """`env`: variables set for QEMU on top of this process's environment."""
         self.cmd = list(cmd)
         self.name = name
         self.lines: list[str] = []
@@ -256,6 +312,7 @@ class QemuGuest:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=None if env is None else {**os.environ, **env},
             )
         except FileNotFoundError as exc:
             raise QemuError(f"{self.cmd[0]} not found: {QEMU_INSTALL_HINT}") from exc
@@ -506,6 +563,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     guests.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     guests.add_argument("--qemu", help=f"QEMU binary (default {QEMU_BINARY} or $RNGD_QEMU)")
+    guests.add_argument(
+        "--qemu-root",
+        type=Path,
+        help="run the QEMU unpacked here (by scripts/fetch-qemu-backports) with its own "
+        "modules and firmware",
+    )
     guests.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM (default 256M)")
     guests.add_argument("--kernel", type=Path, help="boot your own kernel")
     guests.add_argument("--initrd", type=Path, help="... with this initramfs")
@@ -548,7 +611,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("error: --shell needs exactly one guest")
         return 2
     try:
-        qemu = find_qemu(args.qemu)
+        build = (
+            QemuBuild.unpacked(args.qemu_root)
+            if args.qemu_root
+            else QemuBuild(find_qemu(args.qemu))
+        )
     except QemuError as exc:
         say(f"error: {exc}")
         return 127
@@ -560,8 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except GuestBuildError as exc:
             say(f"error: cannot build the test guest: {exc}")
             return 1
-    accel = choose_accel(args.accel, qemu, guest, log=say)
-    say(f"{qemu_version(qemu)}, accelerator {accel}")
+    qemu = build.binary
+    accel = choose_accel(args.accel, qemu, guest, log=say, extra=build.args, env=build.env)
+    say(f"{build.version()}, accelerator {accel}")
 
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -619,13 +687,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     memory=args.memory,
                     name=name,
                     serial="mon:stdio" if args.shell else "stdio",
-                    extra=args.qemu_arg,
+                    extra=[*build.args, *args.qemu_arg],
                 )
                 say(f"+ {shlex.join(cmd)}")
                 if args.shell:
                     # Interactive: QEMU owns the terminal (Ctrl-A X quits it); we just wait.
                     signal.signal(signal.SIGINT, signal.SIG_IGN)
-                    return subprocess.run(cmd, check=False).returncode
+                    env = {**os.environ, **build.env}
+                    return subprocess.run(cmd, check=False, env=env).returncode
                 prefix = f"[{name}] " if args.guests > 1 else ""
 
                 def echo(line: str, prefix: str = prefix) -> None:
@@ -638,6 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         name=name,
                         log_path=log_path,
                         echo=echo,
+                        env=build.env,
                     )
                 )
             deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
