@@ -94,12 +94,7 @@ class DaemonConfig:
             raise ConfigError("--fd and --socket-path exclude each other")
         if self.socket_count != 1:
             raise ConfigError("--fd serves one connection: --socket-count must be 1")
-        try:
-            mode = os.fstat(fd).st_mode
-        except OSError:
-            raise ConfigError(f"--fd {fd} is not an open file descriptor") from None
-        if not stat.S_ISSOCK(mode):
-            raise ConfigError(f"--fd {fd} is not a socket")
+        require_socket(fd, f"--fd {fd}")
 
     def _validate_listen_fds(self) -> None:
         n = len(self.listen_fds)
@@ -117,3 +112,13 @@ class DaemonConfig:
                 f"--socket-count {self.socket_count} does not match the {n} sockets inherited "
                 "from systemd (LISTEN_FDS); omit it or make it match"
             )
+
+
+def require_socket(fd: int, what: str) -> None:
+    """Raise ConfigError (naming the fd as `what`) unless `fd` is an open socket."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        raise ConfigError(f"{what} is not an open file descriptor") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{what} is not a socket")

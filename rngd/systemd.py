@@ -14,11 +14,10 @@ import errno
 import logging
 import os
 import socket
-import stat
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-from rngd.config import ConfigError
+from rngd.config import ConfigError, require_socket
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +79,7 @@ def inherited_sockets(
 def check_listening(fd: int) -> None:
     """Raise ConfigError unless `fd` is a listening AF_UNIX SOCK_STREAM socket."""
     what = f"inherited fd {fd} (LISTEN_FDS)"
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        raise ConfigError(f"{what} is not an open file descriptor") from None
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"{what} is not a socket")
+    require_socket(fd, what)
     # fromfd duplicates: the original stays ours to adopt, this copy is closed at once.
     with socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
