@@ -144,6 +144,20 @@ async def serve_one_guest(path: str, data: bytes) -> None:
         assert await vmm.read_random(256) in data
 
 
+async def other_guest_then_stop(
+    daemon: Running, notes: Notifications, path: str, data: bytes
+) -> str:
+    """Once the first guest has left (STATUS back to 0), one on the other inherited socket is
+    served and counted, then SIGTERM says STOPPING=1. Returns the daemon's log."""
+    assert await notes.next() == {"STATUS": "0 of 2 guests connected"}
+    await serve_one_guest(path, data)
+    assert await notes.next() == {"STATUS": "1 of 2 guests connected"}
+    assert await notes.next() == {"STATUS": "0 of 2 guests connected"}
+    await daemon.stop()
+    assert await notes.next() == {"STOPPING": "1"}
+    return daemon.log()
+
+
 async def serve_one_guest_when_listening(path: str, data: bytes) -> None:
     async with await connect_when_listening(path) as vmm:
         await vmm.start_qemu72(queue_size=4)
@@ -171,13 +185,7 @@ async def test_inherited_sockets_serve_guests_and_notify(
                     await vmm.start_qemu72(queue_size=4)
                     assert await vmm.read_random(256) in source[1]
                     assert await notes.next() == {"STATUS": "1 of 2 guests connected"}
-                assert await notes.next() == {"STATUS": "0 of 2 guests connected"}
-                await serve_one_guest(paths[0], source[1])
-                assert await notes.next() == {"STATUS": "1 of 2 guests connected"}
-                assert await notes.next() == {"STATUS": "0 of 2 guests connected"}
-                await daemon.stop()
-                assert await notes.next() == {"STOPPING": "1"}
-                log = daemon.log()
+                log = await other_guest_then_stop(daemon, notes, paths[0], source[1])
             assert "inherited from systemd" in log, log
         # We did not create the socket files: they stay, and systemd's sockets still listen,
         # so a restarted service finds its VMMs' connections waiting.
@@ -320,13 +328,7 @@ async def test_under_real_systemd_socket_activate(workdir: str, source: tuple[st
                 await vmm.start_qemu72(queue_size=4)
                 assert await vmm.read_random(256) in source[1]
                 assert await notes.next() == {"STATUS": "1 of 2 guests connected"}
-            assert await notes.next() == {"STATUS": "0 of 2 guests connected"}
-            await serve_one_guest(paths[0], source[1])
-            assert await notes.next() == {"STATUS": "1 of 2 guests connected"}
-            assert await notes.next() == {"STATUS": "0 of 2 guests connected"}
-            await daemon.stop()
-            assert await notes.next() == {"STOPPING": "1"}
-            log = daemon.log()
+            log = await other_guest_then_stop(daemon, notes, paths[0], source[1])
         assert "inherited from systemd" in log and "vm1.sock: VMM connected" in log, log
         assert all(os.path.exists(path) for path in paths)  # not ours to remove
 
