@@ -45,10 +45,14 @@ async def serves(path: str, nbytes: int = 64) -> bytes:
 
 
 async def settled_fd_count(daemon: DaemonProcess, path: str) -> int:
-    """The daemon's fd count once it has released the previous VMM on `path` (it serves one
-    VMM per socket at a time, so its reply to the next proves the previous one is gone)."""
-    async with await Frontend.connect(path) as probe:
-        await probe.get_features()
+    """The daemon's fd count once it has released the previous VMM on `path` and on each of
+    its other sockets (the readiness probes of `daemon_process` included): it serves one VMM
+    per socket at a time, so its reply to a probe on each proves the previous ones are gone.
+    Counted while the probes are connected, one per socket."""
+    async with contextlib.AsyncExitStack() as probes:
+        for each in [path, *(p for p in daemon.socket_paths if p != path)]:
+            probe = await probes.enter_async_context(await Frontend.connect(each))
+            await probe.get_features()
         return daemon.fd_count()
 
 
