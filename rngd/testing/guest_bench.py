@@ -355,11 +355,22 @@ def rotated(backends: Sequence[Backend], round_: int) -> list[Backend]:
     return [*backends[shift:], *backends[:shift]]
 
 
-def run_rounds(bench: Bench, backends: Sequence[Backend], rounds: int) -> list[Run]:
+def run_rounds(
+    bench: Bench, backends: Sequence[Backend], rounds: int
+) -> tuple[list[Run], list[str]]:
+    """Every boot of every round: the runs that read their bytes, and one line per boot that
+    failed (a back-end that hung or died costs its boot, not the comparison)."""
     runs = []
+    failures = []
     for round_ in range(1, rounds + 1):
         for position, backend in enumerate(rotated(backends, round_), start=1):
-            run = bench.boot(backend, round_, position)
+            try:
+                run = bench.boot(backend, round_, position)
+            except QemuError as exc:
+                first_line = str(exc).splitlines()[0]
+                failures.append(f"round {round_} {backend.name}: {first_line}")
+                bench.say(f"round {round_}/{rounds} {backend.name}: failed: {exc}")
+                continue
             runs.append(run)
             read_cpu = (
                 f", daemon CPU {_ms_s(run.backend_cpu_seconds)} ms "
@@ -371,7 +382,7 @@ def run_rounds(bench: Bench, backends: Sequence[Backend], rounds: int) -> list[R
                 f"round {round_}/{rounds} {backend.name}: {run.bytes_per_second:,.0f} B/s "
                 f"({run.nbytes} B in {run.guest_seconds:.3f} s){read_cpu}"
             )
-    return runs
+    return runs, failures
 
 
 def against_backend(spec: str, taken: set[str]) -> Backend:
@@ -484,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say=say,
             )
             started = time.monotonic()
-            runs = run_rounds(bench, backends, args.rounds)
+            runs, failures = run_rounds(bench, backends, args.rounds)
             elapsed = time.monotonic() - started
     except _Stop as stop:
         say(f"{stop}: stopped")
@@ -498,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     summaries = summarize(runs, backends)
     sys.stdout.write(markdown(runs, summaries))
+    if failures:
+        sys.stdout.write("\nBoots that failed (left out above):\n\n")
+        sys.stdout.write("".join(f"- {line}\n" for line in failures))
     sys.stdout.flush()
     say(f"{len(runs)} boots in {elapsed:.0f} s")
     if args.json is not None:
@@ -522,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {**dataclasses.asdict(run), "bytes_per_second": run.bytes_per_second}
                 for run in runs
             ],
+            "failures": failures,
         }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         say(f"wrote {args.json}")
-    return 0
+    return 1 if failures else 0
