@@ -432,8 +432,7 @@ class Connection:
 
     def _replace_kick(self, vring: Vring, fd: int | None) -> None:
         if vring.kick_fd is not None:
-            # Wakes any task still waiting on it (there is none once stopped; cheap insurance).
-            trio.lowlevel.notify_closing(vring.kick_fd)
+            # Only the ring's thread watches it, and the ring is stopped: nothing waits on it.
             os.close(vring.kick_fd)
         vring.kick_fd = fd
 

@@ -61,15 +61,11 @@ class EntropySource:
         st = os.fstat(fd)
         mode = st.st_mode
         memory_device = stat.S_ISCHR(mode) and os.major(st.st_rdev) == _MEM_MAJOR
-        self.kind: str
         self._device: int | None = None
         self._pipe_in: int | None = None
-        if stat.S_ISREG(mode) or memory_device:
-            self.kind = "file"
-        elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-            self.kind = "pipe"
+        if stat.S_ISREG(mode) or memory_device or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            pass  # read as it is: never waits, or waits in poll() on the fd
         elif stat.S_ISCHR(mode):
-            self.kind = "device"
             # The pump polls before it reads (stoppable where the device can poll) and then
             # blocks in read(), not spin on EAGAIN where it cannot.
             os.set_blocking(fd, True)
