@@ -207,8 +207,8 @@ class Connection:
         for vring in self.vrings:
             _close(vring.kick_fd)
             vring.kick_fd = None
-            vring.call.replace(None)
-            vring.err.replace(None)
+            vring.call.close()
+            vring.err.close()
         self.vrings = [Vring(i) for i in range(self.session.num_queues)]
 
     async def _serve(self) -> None:

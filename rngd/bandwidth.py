@@ -171,6 +171,9 @@ class BandwidthScheduler:
         self.period = period
         self.mode = mode
         self._quota = max_bytes // guests if max_bytes is not None else 0
+        #: Bytes a ring asks for at a time (see `GuestBudget.lease`): an eighth of a guest's
+        #: even share, so that a lease not used up holds back little of anyone's share.
+        self.lease = max_bytes // (8 * guests) if max_bytes is not None else 0
         self._accounts = [_Account() for _ in range(guests)]
         self._guests = [GuestBudget(self, i) for i in range(guests)]
         self._window = 0
@@ -198,7 +201,7 @@ class BandwidthScheduler:
 
     # -- the per-guest calls ----------------------------------------------------------------
 
-    def try_acquire(self, guest: int, want: int) -> int:
+    def try_acquire(self, guest: int, want: int, spare: int = 0) -> int:
         """`GuestBudget.try_acquire` of guest index `guest`."""
         if want < 1:
             raise ValueError(f"want must be at least 1, not {want}")
@@ -212,6 +215,13 @@ class BandwidthScheduler:
             return 0
         version = self._claims_version
         granted = self._take(account, want)
+        if granted == want and spare > 0:
+            # Only what is free for it as things stand: asking beyond its need must not make
+            # a guest look hungrier than it is (its claims and demand stay as they are).
+            extra = min(spare, self._allowance(account))
+            if extra > 0:
+                account.used += extra
+                granted += extra
         if self._claims_version != version:
             self._hand_out()  # new claims may let another guest's parked request through
         if granted:
@@ -483,12 +493,22 @@ class GuestBudget:
         self.index = index
         self._scheduler = scheduler
 
-    def try_acquire(self, want: int) -> int:
+    @property
+    def lease(self) -> int:
+        """How many bytes a ring should ask for at a time, so that its thread asks the
+        scheduler (a round trip into trio) a few times a period, not once a request: an
+        eighth of the even share of the budget; 0 when unlimited."""
+        return self._scheduler.lease
+
+    def try_acquire(self, want: int, *, spare: int = 0) -> int:
         """Grant up to `want` bytes without waiting; 0 if this guest may take nothing now.
 
         Returns 0 while other requests of this guest are parked, so none jumps their queue.
+        With all of `want` granted, also up to `spare` bytes more, as far as they are this
+        guest's to take without waiting and without a new claim (its split share, or in fair
+        mode its claim and the budget nobody claims): the lease of a ring's thread.
         """
-        return self._scheduler.try_acquire(self.index, want)
+        return self._scheduler.try_acquire(self.index, want, spare)
 
     async def acquire(self, want: int) -> int:
         """Grant between 1 and `want` bytes, parking until a refill if nothing is left.

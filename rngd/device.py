@@ -19,7 +19,8 @@ import contextlib
 import math
 import os
 import select
-import threading
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -28,7 +29,7 @@ from rngd.incidents import IncidentLog
 from rngd.observe import ConnectionCounters, RingCounters
 from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
 from rngd.threads import ThreadStartError, run_owned_thread
-from rngd.virtqueue import ChainError, Segment, SplitQueue
+from rngd.virtqueue import DESC, STORES_ORDERED, ChainError, Segment, SplitQueue
 
 #: Largest fill of one request. virtio-rng lets the device return fewer bytes than offered; a
 #: bound keeps one request with a huge buffer from holding its vring (and budget) for long.
@@ -44,8 +45,14 @@ _EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 class Budget(Protocol):
     """One guest's view of the bandwidth scheduler (rngd.bandwidth)."""
 
-    def try_acquire(self, want: int) -> int:
-        """Grant up to `want` bytes now without waiting; 0 if nothing is left this period."""
+    @property
+    def lease(self) -> int:
+        """How many bytes a ring should ask for at a time (0 when unlimited)."""
+        ...
+
+    def try_acquire(self, want: int, *, spare: int = 0) -> int:
+        """Grant up to `want` bytes now without waiting; 0 if nothing is left this period.
+        With all of `want`, also up to `spare` more, as far as they are free for this guest."""
         ...
 
     async def acquire(self, want: int) -> int:
@@ -67,37 +74,57 @@ class EventfdError(Exception):
 
 class Notifier:
     """A vring's call (or err) eventfd, signalled by the worker thread and replaced by the
-    protocol task (QEMU sends SET_VRING_CALL several times while a ring runs)."""
+    protocol task (QEMU sends SET_VRING_CALL several times while a ring runs).
+
+    The thread writes to one fd number for the notifier's whole life, `fd`, and a replacement
+    is `os.dup2` onto that number, which the kernel does atomically: a signal goes to the old
+    eventfd or the new one, never to a number that was closed and handed to something else.
+    So the signal path takes no lock, and a VMM that makes its eventfd blocking can stall at
+    most the thread, never the protocol task that swaps it.
+    """
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._fd: int | None = None
-        # The worker must never write an fd number the protocol task has just closed (and
-        # the kernel may have handed to something else).
-        self._lock = threading.Lock()
-
-    @property
-    def fd(self) -> int | None:
-        return self._fd
+        #: The number the thread writes to (None until the VMM gives one). Read by the thread
+        #: on every signal; it only ever changes from None to a number while a ring runs.
+        self.fd: int | None = None
 
     def replace(self, fd: int | None) -> None:
-        """Use `fd` from now on (None: signal nothing) and close the previous one."""
-        with self._lock:
-            old, self._fd = self._fd, fd
-        if old is not None:
-            os.close(old)
+        """Signal `fd` from now on (None: nothing). Takes ownership of `fd`: it is closed here,
+        its description kept at `self.fd`, which the previous one's number goes on naming."""
+        if self.fd is None:
+            self.fd = fd
+            return
+        if fd is None:
+            # Signal nothing: a fresh eventfd of our own takes the number; nobody reads it,
+            # and once its counter saturates a write just fails with EAGAIN. (Out of fds, the
+            # old eventfd goes on being signalled: a spurious interrupt is allowed, a write
+            # to a recycled number is not.)
+            try:
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            except OSError:
+                return
+        try:
+            os.dup2(fd, self.fd, inheritable=False)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the fd (once no thread can signal it: every ring stopped)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def signal(self) -> None:
-        with self._lock:
-            fd = self._fd
-            if fd is None:
-                return
-            try:
-                os.write(fd, _ONE)
-            except BlockingIOError:
-                pass  # the counter is saturated: the VMM has a wake-up pending anyway
-            except OSError as exc:
-                raise EventfdError(f"signalling the {self.what} fd failed: {exc.strerror}") from exc
+        fd = self.fd
+        if fd is None:
+            return
+        try:
+            os.write(fd, _ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: the VMM has a wake-up pending anyway
+        except OSError as exc:
+            raise EventfdError(f"signalling the {self.what} fd failed: {exc.strerror}") from exc
 
 
 async def serve_vring(
@@ -160,10 +187,13 @@ class VringWorker(RingCounters):
         self.kick_fd = kick_fd
         self.call = call
         self.incident = incident
-        self.clock = trio.lowlevel.current_clock()
-        #: Bytes granted by the budget and not used yet, valid until `credit_until`.
+        #: trio's clock as the thread reads it cheaply: `clock_reader() + clock_offset` is
+        #: trio time.
+        self.clock_reader, self.clock_offset = clock_reader(trio.lowlevel.current_clock())
+        #: Bytes granted by the budget and not used yet, valid until `credit_until` (trio
+        #: time), that is until `clock_reader()` reaches `deadline`.
         self.credit = 0
-        self.credit_until = -math.inf
+        self.credit_until = self.deadline = -math.inf
         #: Set by the owning task when it is cancelled (before the stop fd is signalled), so
         #: that a ring kept full stops between two batches.
         self.stopping = False
@@ -191,14 +221,10 @@ class VringWorker(RingCounters):
                 raise EventfdError(f"kick fd cannot be watched: {exc.strerror}") from exc
             epoll.register(stop_fd, select.EPOLLIN)
             try:
-                while not self.stopping:
-                    self.drain()
-                    for fd, events in epoll.poll():
-                        if fd == stop_fd:
-                            return
-                        if events & _EPOLL_TROUBLE:
-                            raise EventfdError(f"kick fd reports poll events {events:#x}")
-                        self.kicks += 1
+                if self.queue.event_idx:
+                    self.serve(epoll.poll, stop_fd)
+                else:
+                    self.serve_without_event_idx(epoll.poll, stop_fd)
             except _Stopped:
                 return
             finally:
@@ -207,48 +233,135 @@ class VringWorker(RingCounters):
                 with contextlib.suppress(EventfdError):
                     self.flush()
 
-    def drain(self) -> None:
-        """Serve every available request, signalling the guest after each batch, until the
-        ring is empty once notifications are re-armed."""
+    def serve(self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int) -> None:
+        """The steady state of an EVENT_IDX ring (every Linux guest's), top to bottom.
+
+        Each turn takes what the avail ring holds. The Linux driver's request, one buffer of
+        a descriptor seen before with credit in hand, is served right here: one readv, one
+        used element, the used index. Anything else (several requests, a new or chained
+        descriptor, no credit left, a broken ring) goes through `serve_batch`. Then, if the
+        ring looks empty, avail_event is re-armed; one fence covers both halves of the
+        handshake (our used index before the driver's used_event is read, our avail_event
+        before its avail index is read again), the guest is interrupted if it asked to be,
+        and the thread sleeps in epoll if the ring is still empty.
+
+        Hot names are locals: this loop is what a guest waits on, per request.
+        """
+        queue, call, source = self.queue, self.call, self.source
+        avail, used, elems, desc = queue.avail, queue.used, queue.used_elems, queue.desc
+        size = queue.size
+        used_event_slot, avail_event_slot = queue.used_event_slot, queue.avail_event_slot
+        lone = queue.lone.get
+        unpack = DESC.unpack_from
+        readv, write = os.readv, os.write
+        release, acquire = queue.fence.release, queue.fence.acquire
+        stores_ordered = STORES_ORDERED
+        source_fd = source.direct_fd
+        clock = self.clock_reader
+        inf = math.inf
+        while not self.stopping:
+            start = queue.next_avail
+            pending = (avail[1] - start) & 0xFFFF
+            served = False
+            if pending == 1:
+                head = avail[2 + start % size]
+                entry = lone(unpack(desc, head << 4)) if head < size else None
+                if entry is not None and entry[0] <= MAX_REQUEST_BYTES:
+                    length, iov = entry
+                    limited = self.credit_until != inf
+                    if not limited or (self.credit >= length and clock() < self.deadline):
+                        count = -1
+                        if source_fd is not None:
+                            try:  # noqa: SIM105 (suppress() costs a call per request)
+                                count = readv(source_fd, iov)
+                            except OSError:
+                                pass  # read again below, where errors are told apart
+                        if count <= 0:
+                            count = source.read(iov)
+                            if count <= 0:
+                                count = self.wait_for_source(iov, count)
+                        new = queue.next_used
+                        slot = (new % size) << 1
+                        elems[slot] = head
+                        elems[slot + 1] = count
+                        new = (new + 1) & 0xFFFF
+                        queue.next_used = new
+                        queue.next_avail = (start + 1) & 0xFFFF
+                        if limited:
+                            self.credit -= count
+                        self.requests += 1
+                        self.bytes += count
+                        if not stores_ordered:
+                            release()  # the element before the index that publishes it
+                            acquire()
+                        used[1] = queue.published_used = new
+                        served = True
+            if not served and pending:
+                self.serve_batch(queue.pending())
+                if self.stopping:
+                    raise _Stopped
+                queue.publish_used()
+            # Re-arm if the ring looks empty; then one fence for both handshakes.
+            start = queue.next_avail
+            empty = avail[1] == start
+            if empty:
+                used[avail_event_slot] = start
+            release()
+            acquire()
+            new = queue.next_used
+            old = queue.signalled_used
+            if old != new:
+                # vring_need_event(): did `new` pass the index the driver asked to hear about?
+                if (new - avail[used_event_slot] - 1) & 0xFFFF < (new - old) & 0xFFFF:
+                    fd = call.fd
+                    if fd is not None:
+                        try:
+                            write(fd, _ONE)
+                        except BlockingIOError:
+                            pass  # the counter is saturated: a wake-up is pending anyway
+                        except OSError as exc:
+                            raise EventfdError(
+                                f"signalling the call fd failed: {exc.strerror}"
+                            ) from exc
+                    self.interrupts += 1
+                queue.signalled_used = new
+            if not empty or avail[1] != start:
+                continue
+            for fd, events in poll():
+                if fd == stop_fd:
+                    return
+                if events & _EPOLL_TROUBLE:
+                    raise EventfdError(f"kick fd reports poll events {events:#x}")
+                self.kicks += 1
+        raise _Stopped
+
+    def serve_without_event_idx(
+        self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int
+    ) -> None:
+        """The same for a ring without EVENT_IDX (flags say whether to interrupt, and the
+        driver always kicks), through the queue's own steps: no guest of today's is here."""
         queue = self.queue
-        while True:
+        while not self.stopping:
             pending = queue.pending()
             if pending:
-                if pending > 1 or not self.serve_one():
-                    self.serve_batch(pending)
+                self.serve_batch(pending)
                 if self.stopping:
                     raise _Stopped
                 self.flush()
             elif not queue.arm():
-                return
+                for fd, events in poll():
+                    if fd == stop_fd:
+                        return
+                    if events & _EPOLL_TROUBLE:
+                        raise EventfdError(f"kick fd reports poll events {events:#x}")
+                    self.kicks += 1
+        raise _Stopped
 
     def flush(self) -> None:
         """Publish the completions made so far; interrupt the guest if it wants to hear."""
         if self.queue.publish():
             self.call.signal()
             self.interrupts += 1
-
-    def serve_one(self) -> bool:
-        """The Linux driver's request, alone in the ring: one plain buffer seen before, and
-        unlimited credit. `serve_batch`'s steps without its lists, for the request a guest
-        waits on; False, with nothing done, for anything else."""
-        queue = self.queue
-        head = queue.head()
-        chain = queue.cached_chain(head)
-        if chain is None or self.credit_until != math.inf:
-            return False
-        segment = chain[0]
-        if segment.length > MAX_REQUEST_BYTES:
-            return False
-        assert segment.buffer is not None
-        iov = [segment.buffer]
-        count = self.source.read(iov)
-        if count <= 0:
-            count = self.wait_for_source(iov, count)
-        queue.put_used(head, count)
-        self.requests += 1
-        self.bytes += count
-        return True
 
     def serve_batch(self, pending: int) -> None:
         """Serve up to `pending` requests (fewer if the budget or a batch's bounds say so)."""
@@ -320,31 +433,40 @@ class VringWorker(RingCounters):
         self.requests += len(lengths)
 
     def take_credit(self, want: int) -> int:
-        """Up to `want` bytes of budget: from the credit held, else from the scheduler."""
+        """Up to `want` bytes of budget: from the credit held, topped up from the scheduler
+        when it is short (one trio round trip per lease, not per request)."""
         credit = self.credit
-        until = self.credit_until
-        if credit and until != math.inf and self.clock.current_time() >= until:
+        if credit and self.credit_until != math.inf and self.clock_reader() >= self.deadline:
             credit = self.credit = 0  # granted for a window that is over
-        if not credit:
+        if credit < want:
             # Asking may park this ring until the refill: let the guest see what is done.
             self.flush()
-            credit, self.credit_until = trio.from_thread.run(self._grant, want)
-            self.credit = credit
+            granted, until = trio.from_thread.run(self._grant, want - credit, credit)
+            if until != self.credit_until:
+                credit = 0  # what was held belongs to a window that is over
+            credit += granted
+            self.credit, self.credit_until = credit, until
+            self.deadline = until - self.clock_offset
         return want if want <= credit else credit
 
-    async def _grant(self, want: int) -> tuple[int, float]:
-        # Runs in the owning task, in trio: the scheduler is not thread-safe.
+    async def _grant(self, want: int, held: int) -> tuple[int, float]:
+        # Runs in the owning task, in trio: the scheduler is not thread-safe. Asks for a
+        # lease beyond `want` (what is free for this guest anyway) so that the next
+        # requests need no round trip; bytes left over go back when the ring stops, or lapse
+        # with the window (charged to it, so it is never exceeded).
         budget = self.budget
-        granted = budget.try_acquire(want)
-        if not granted:
-            # Nothing left for this guest now: park until the refill, and count the wait.
+        granted = budget.try_acquire(want, spare=budget.lease - want)
+        until = budget.window_end()
+        if not granted and not (held and until == self.credit_until):
+            # Nothing left for this guest now, nor held: park until the refill, and count
+            # the wait.
             parked_at = trio.current_time()
             try:
                 granted = await budget.acquire(want)
             finally:
                 self.parked += trio.current_time() - parked_at
             self.held_back += granted
-        until = self.budget.window_end()
+            until = budget.window_end()
         if until == math.inf:
             granted = 1 << 62  # unlimited: this thread never needs to ask again
         return granted, until
@@ -383,6 +505,20 @@ def lay_out(segments: list[Segment], limit: int, iov: list[memoryview]) -> int:
             iov.append(buffer[:room])
             return limit
     return laid
+
+
+def clock_reader(clock: trio.abc.Clock) -> tuple[Callable[[], float], float]:
+    """A function reading `clock` from any thread, and what to add to its readings to get
+    the clock's time. trio's own clock is `time.perf_counter` plus a fixed offset: reading
+    that directly saves the request path a Python call."""
+    offset = getattr(clock, "offset", None)
+    if (
+        type(clock).__name__ == "SystemClock"
+        and isinstance(offset, float)
+        and abs(clock.current_time() - offset - time.perf_counter()) < 1.0
+    ):
+        return time.perf_counter, offset
+    return clock.current_time, 0.0
 
 
 class _Stopped(Exception):

@@ -76,6 +76,9 @@ class EntropySource:
             raise SourceError(f"entropy source {path} is not a file, FIFO or character device")
         #: What the vrings read (and poll, while it is empty).
         self.fd = fd
+        #: The fd the ring path may `os.readv` itself, skipping `read` (errors, end of file
+        #: and WOULD_BLOCK then go through `read`); None if every read must go through it.
+        self.direct_fd: int | None = fd
         self.eof_logged = False
         self._closed = False
 

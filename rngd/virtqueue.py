@@ -39,21 +39,55 @@ class RingError(Exception):
     """The ring is broken; stop processing it."""
 
 
-# A store-load fence. The EVENT_IDX handshake (we publish avail_event then re-read avail idx;
-# the driver publishes avail idx then reads avail_event) needs one on both sides, and Python has
-# no fence instruction. Taking an uncontended lock is a locked read-modify-write, a full barrier
-# on x86 and an acquire/release pair elsewhere.
-_FENCE = threading.Lock()
+#: Hosts whose memory model the fence below is argued for.
+_FENCED_MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
+if platform.machine().lower() not in _FENCED_MACHINES:  # pragma: no cover
+    raise ImportError(
+        f"rngd's virtqueue has no memory fence argued for {platform.machine()} hosts"
+        f" (only {', '.join(_FENCED_MACHINES)})"
+    )
 
 
-def fence() -> None:
-    with _FENCE:
-        pass
+class Fence:
+    """A store->load fence, for one thread at a time: stores before a call are visible to
+    other CPUs before loads after it are performed.
+
+    The EVENT_IDX handshake needs one on both sides (we store the used index or avail_event,
+    then load the driver's used_event or avail index; the driver stores its index, then loads
+    ours), and so do the used elements on a weakly ordered host before the index that
+    publishes them. Python has no fence instruction; a lock has one inside. The lock is held
+    from construction, and a fence *releases then re-acquires* it (CPython's lock is a POSIX
+    semaphore: glibc's sem_post is a compare-and-swap with release order, sem_wait's fast path
+    one with acquire order):
+
+    * x86-64 (TSO): a locked read-modify-write is a full barrier by itself.
+    * arm64 (ARMv8, multi-copy atomic): a store-release followed in program order by a
+      load-acquire is ordered ("RCsc": [L]; po; [A] is in barrier-ordered-before), every
+      access before the release is ordered before it, and every access after the acquire
+      after it. A plain store before the fence is therefore ordered before a plain load
+      after it. (Acquire-then-release, as `with lock: pass` does, orders nothing of the
+      kind: the store may sink past the acquire and the load rise above the release.)
+
+    Other architectures are refused at import until they are argued for the same way.
+    """
+
+    __slots__ = ("_lock", "acquire", "release")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        #: Bound once: the ring path calls ``release(); acquire()`` inline.
+        self.release = self._lock.release
+        self.acquire = self._lock.acquire
+
+    def __call__(self) -> None:
+        self.release()
+        self.acquire()
 
 
 #: x86 keeps stores in program order (TSO), and so does the interpreter: there, the used
 #: elements are visible before the index that publishes them without a fence.
-_STORES_ORDERED = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+STORES_ORDERED = platform.machine().lower() in ("x86_64", "amd64")
 
 
 @dataclass(frozen=True)
@@ -93,7 +127,7 @@ class SplitQueue:
             used_view, used_offset = memory.span(used, 6 + 8 * size, vmm=True)
         except GuestMemoryError as exc:
             raise RingError(f"ring not in guest memory: {exc}") from exc
-        self._desc = desc_view[desc_offset : desc_offset + 16 * size]
+        self.desc = desc_view[desc_offset : desc_offset + 16 * size]
         avail_bytes = avail_view[avail_offset : avail_offset + 6 + 2 * size]
         used_bytes = used_view[used_offset : used_offset + 6 + 8 * size]
         # The indices the driver and we update under each other's feet go through typed views:
@@ -102,24 +136,32 @@ class SplitQueue:
         # goes a byte at a time (half an update). Element stores need no such care: the used
         # index publishes them.
         # avail: flags, idx, ring[size], used_event
-        self._avail = avail_bytes.cast("H")
+        # (The ring path in rngd.device reads and writes these views directly.)
+        self.avail = avail_bytes.cast("H")
         # used: flags, idx, then {id u32, len u32}[size], then avail_event
-        self._used = used_bytes.cast("H")
-        self._used_elems = used_bytes[4 : 4 + 8 * size].cast("I")
+        self.used = used_bytes.cast("H")
+        self.used_elems = used_bytes[4 : 4 + 8 * size].cast("I")
         self._views = (avail_bytes, used_bytes)
-        self._used_event_slot = 2 + size
-        self._avail_event_slot = 2 + 4 * size
+        #: Item of `avail` holding used_event, and of `used` holding avail_event.
+        self.used_event_slot = 2 + size
+        self.avail_event_slot = 2 + 4 * size
+        #: The fence of whichever thread serves the ring (one at a time).
+        self.fence = Fence()
         self.next_avail = next_avail & 0xFFFF
         # We complete requests in order and never keep one across a stop, so the used index
         # always equals the avail index we have consumed.
         self.next_used = self.next_avail
-        self._signalled_used = self._published_used = self.next_used
+        #: The used index last stored for the driver, and the one it last heard of (or chose
+        #: not to): the ring path keeps them, as it keeps the next indices.
+        self.signalled_used = self.published_used = self.next_used
         # Translations of the buffers drivers post: Linux reuses the same few buffers, so a
         # request usually costs one dict lookup instead of a region search and a new view.
         self._segments: dict[tuple[int, int], Segment] = {}
         #: Chains of one plain writable descriptor, by its (addr, len, flags, next): the
         #: request of the Linux driver is then one unpack and one lookup. Do not mutate them.
         self._simple: dict[tuple[int, int, int, int], list[Segment]] = {}
+        #: The same chains as (length, [buffer]): what the ring path's readv takes, made once.
+        self.lone: dict[tuple[int, int, int, int], tuple[int, list[memoryview]]] = {}
 
     def release(self) -> None:
         """Let go of guest memory (call once the ring's task has stopped)."""
@@ -128,18 +170,19 @@ class SplitQueue:
             segment.buffer.release()
         self._segments.clear()
         self._simple.clear()
-        for view in (self._avail, self._used, self._used_elems, self._desc, *self._views):
+        self.lone.clear()
+        for view in (self.avail, self.used, self.used_elems, self.desc, *self._views):
             view.release()
 
     # --- avail side ---
 
     def avail_idx(self) -> int:
-        value: int = self._avail[1]
+        value: int = self.avail[1]
         return value
 
     def pending(self) -> int:
         """How many requests wait. A count above the queue size means the index is garbage."""
-        count = (self._avail[1] - self.next_avail) & 0xFFFF
+        count = (self.avail[1] - self.next_avail) & 0xFFFF
         if count > self.size:
             raise RingError(
                 f"avail index {self.avail_idx()} is {count} ahead of {self.next_avail} "
@@ -149,7 +192,7 @@ class SplitQueue:
 
     def head(self) -> int:
         """Descriptor index of the next request (call only when `pending()`)."""
-        head: int = self._avail[2 + self.next_avail % self.size]
+        head: int = self.avail[2 + self.next_avail % self.size]
         if head >= self.size:
             raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
         return head
@@ -158,7 +201,7 @@ class SplitQueue:
         """Descriptor indices of the next `count` requests (call only for `count <= pending()`),
         up to the first that is out of range: RingError if that is the first."""
         if count == 1:
-            head: int = self._avail[2 + self.next_avail % self.size]
+            head: int = self.avail[2 + self.next_avail % self.size]
             if head >= self.size:
                 raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
             return [head]
@@ -166,9 +209,9 @@ class SplitQueue:
         end = start + count
         wrap = 2 + self.size
         if end <= wrap:
-            heads: list[int] = self._avail[start:end].tolist()
+            heads: list[int] = self.avail[start:end].tolist()
         else:
-            heads = self._avail[start:wrap].tolist() + self._avail[2 : end - self.size].tolist()
+            heads = self.avail[start:wrap].tolist() + self.avail[2 : end - self.size].tolist()
         if max(heads) >= self.size:
             bad = next(i for i, head in enumerate(heads) if head >= self.size)
             if bad == 0:
@@ -176,23 +219,18 @@ class SplitQueue:
             del heads[bad:]
         return heads
 
-    def cached_chain(self, head: int) -> list[Segment] | None:
-        """The chain at `head` if it is one plain writable descriptor seen before (validated
-        then), else None: the Linux driver's request at the cost of one unpack and a lookup."""
-        return self._simple.get(DESC.unpack_from(self._desc, 16 * head))
-
     def chain(self, head: int) -> list[Segment]:
         """The writable buffers of the chain at `head`, in order, validated.
 
         The walk is bounded by the queue size (and the indirect table's size), so a looping
         chain ends in ChainError instead of spinning.
         """
-        first = DESC.unpack_from(self._desc, 16 * head)
+        first = DESC.unpack_from(self.desc, 16 * head)
         simple = self._simple.get(first)
         if simple is not None:
             return simple
         segments: list[Segment] = []
-        table, base, table_size = self._desc, 0, self.size
+        table, base, table_size = self.desc, 0, self.size
         index, budget, indirect_seen = head, self.size, False
         while True:
             if budget == 0:
@@ -221,9 +259,13 @@ class SplitQueue:
                 segment = self._translate(addr, length)
             segments.append(segment)
             if not flags & DESC_F_NEXT:
-                if flags == DESC_F_WRITE and not indirect_seen:
-                    # One plain descriptor: the whole chain is a function of its 16 bytes.
+                if first[2] == DESC_F_WRITE:
+                    # One plain descriptor, the head itself: the whole chain is a function of
+                    # its 16 bytes. (Not the last of a longer chain: its head's bytes do not
+                    # say where the rest points.)
                     self._simple[first] = segments
+                    assert segment.buffer is not None
+                    self.lone[first] = (length, [segment.buffer])
                 return segments
             if nxt >= table_size:
                 raise ChainError(f"next index {nxt} outside a table of {table_size}")
@@ -241,6 +283,7 @@ class SplitQueue:
             # dropped here are freed with their last reference.
             self._segments.clear()
             self._simple.clear()
+            self.lone.clear()
         segment = self._segments[addr, length] = Segment(
             addr, length, region[offset : offset + length]
         )
@@ -252,14 +295,14 @@ class SplitQueue:
         """Return the next request, `head`, with `length` bytes written, consuming its avail
         slot; the driver sees it at the next `publish_used`."""
         slot = 2 * (self.next_used % self.size)
-        self._used_elems[slot] = head
-        self._used_elems[slot + 1] = length
+        self.used_elems[slot] = head
+        self.used_elems[slot + 1] = length
         self.next_used = (self.next_used + 1) & 0xFFFF
         self.next_avail = (self.next_avail + 1) & 0xFFFF
 
     def put_used_many(self, heads: list[int], lengths: list[int]) -> None:
         """`put_used` for the next `len(lengths)` requests: `heads[i]` with `lengths[i]`."""
-        elems, size, slot = self._used_elems, self.size, self.next_used
+        elems, size, slot = self.used_elems, self.size, self.next_used
         for head, length in zip(heads, lengths, strict=False):
             index = 2 * (slot % size)
             elems[index] = head
@@ -270,23 +313,22 @@ class SplitQueue:
 
     def publish_used(self) -> None:
         """Make every used element put so far visible to the driver: one fence, one store."""
-        if self._published_used != self.next_used:
-            if not _STORES_ORDERED:
-                fence()  # the elements must be visible before the index that publishes them
-            self._used[1] = self._published_used = self.next_used
+        if self.published_used != self.next_used:
+            if not STORES_ORDERED:
+                self.fence()  # the elements must be visible before the index that publishes them
+            self.used[1] = self.published_used = self.next_used
 
     def publish(self) -> bool:
         """`publish_used`, then whether the driver wants an interrupt for what it now sees.
         (The steps are written out: this is on the path of every request.)"""
         new = self.next_used
-        if self._published_used != new:
-            if not _STORES_ORDERED:
-                fence()
-            self._used[1] = self._published_used = new
-        if self._signalled_used == new:
+        if self.published_used != new:
+            if not STORES_ORDERED:
+                self.fence()
+            self.used[1] = self.published_used = new
+        if self.signalled_used == new:
             return False
-        with _FENCE:  # used idx must be visible before we read the driver's suppression state
-            pass
+        self.fence()  # used idx must be visible before we read the driver's suppression state
         return self._interrupt_wanted()
 
     def complete(self, head: int, length: int) -> None:
@@ -302,27 +344,27 @@ class SplitQueue:
         would otherwise never be kicked).
         """
         if self.event_idx:
-            self._used[self._avail_event_slot] = self.next_avail
-            fence()
+            self.used[self.avail_event_slot] = self.next_avail
+            self.fence()
         return self.pending() > 0
 
     def needs_interrupt(self) -> bool:
         """Whether the completions published since the last interrupt should be signalled."""
-        fence()  # used idx must be visible before we read the driver's suppression state
+        self.fence()  # used idx must be visible before we read the driver's suppression state
         return self._interrupt_wanted()
 
     def _interrupt_wanted(self) -> bool:
-        old, new = self._signalled_used, self.next_used
+        old, new = self.signalled_used, self.next_used
         if old == new:
             return False
         if self.event_idx:
-            used_event: int = self._avail[self._used_event_slot]
+            used_event: int = self.avail[self.used_event_slot]
             # vring_need_event(): did `new` pass the index the driver asked to hear about?
             wanted = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
         else:
-            flags: int = self._avail[0]
+            flags: int = self.avail[0]
             wanted = not flags & AVAIL_F_NO_INTERRUPT
             if self.notify_on_empty and not wanted:
-                wanted = self._avail[1] == self.next_avail
-        self._signalled_used = new
+                wanted = self.avail[1] == self.next_avail
+        self.signalled_used = new
         return wanted
