@@ -147,6 +147,7 @@ async def serve_vring(
     GuestMemoryFault, SourceError, ThreadStartError.
     """
     worker = VringWorker(queue, source, budget, kick_fd, call, incident)
+    worker.unlimited = budget.window_end() == math.inf
 
     def stop() -> None:
         worker.stopping = True
@@ -194,6 +195,8 @@ class VringWorker(RingCounters):
         #: time), that is until `clock_reader()` reaches `deadline`.
         self.credit = 0
         self.credit_until = self.deadline = -math.inf
+        #: No rate limit: credit is never asked for (set by the owning task, from trio).
+        self.unlimited = False
         #: Set by the owning task when it is cancelled (before the stop fd is signalled), so
         #: that a ring kept full stops between two batches.
         self.stopping = False
@@ -248,7 +251,7 @@ class VringWorker(RingCounters):
         Hot names are locals: this loop is what a guest waits on, per request.
         """
         queue, call, source = self.queue, self.call, self.source
-        avail, used, elems, desc = queue.avail, queue.used, queue.used_elems, queue.desc
+        avail, used, pairs, desc = queue.avail, queue.used, queue.used_pairs, queue.desc
         size = queue.size
         used_event_slot, avail_event_slot = queue.used_event_slot, queue.avail_event_slot
         lone = queue.lone.get
@@ -258,54 +261,59 @@ class VringWorker(RingCounters):
         stores_ordered = STORES_ORDERED
         source_fd = source.direct_fd
         clock = self.clock_reader
-        inf = math.inf
+        unlimited = self.unlimited
         while not self.stopping:
             start = queue.next_avail
             pending = (avail[1] - start) & 0xFFFF
-            served = False
-            if pending == 1:
-                head = avail[2 + start % size]
-                entry = lone(unpack(desc, head << 4)) if head < size else None
-                if entry is not None and entry[0] <= MAX_REQUEST_BYTES:
-                    length, iov = entry
-                    limited = self.credit_until != inf
-                    if not limited or (self.credit >= length and clock() < self.deadline):
-                        count = -1
-                        if source_fd is not None:
-                            try:  # noqa: SIM105 (suppress() costs a call per request)
-                                count = readv(source_fd, iov)
-                            except OSError:
-                                pass  # read again below, where errors are told apart
-                        if count <= 0:
-                            count = source.read(iov)
-                            if count <= 0:
-                                count = self.wait_for_source(iov, count)
-                        new = queue.next_used
-                        slot = (new % size) << 1
-                        elems[slot] = head
-                        elems[slot + 1] = count
-                        new = (new + 1) & 0xFFFF
-                        queue.next_used = new
-                        queue.next_avail = (start + 1) & 0xFFFF
-                        if limited:
-                            self.credit -= count
-                        self.requests += 1
-                        self.bytes += count
-                        if not stores_ordered:
-                            release()  # the element before the index that publishes it
-                            acquire()
-                        used[1] = queue.published_used = new
-                        served = True
-            if not served and pending:
-                self.serve_batch(queue.pending())
-                if self.stopping:
-                    raise _Stopped
-                queue.publish_used()
-            # Re-arm if the ring looks empty; then one fence for both handshakes.
-            start = queue.next_avail
-            empty = avail[1] == start
-            if empty:
+            if pending == 1 and (head := avail[2 + start % size]) < size:
+                entry = lone(unpack(desc, head << 4))
+            else:
+                entry = None
+            if (
+                entry is not None
+                and (length := entry[0]) <= MAX_REQUEST_BYTES
+                and (unlimited or (self.credit >= length and clock() < self.deadline))
+            ):
+                iov = entry[1]
+                count = -1
+                if source_fd is not None:
+                    try:  # noqa: SIM105 (suppress() costs a call per request)
+                        count = readv(source_fd, iov)
+                    except OSError:
+                        pass  # read again below, where errors are told apart
+                if count <= 0:
+                    count = source.read(iov)
+                    if count <= 0:
+                        count = self.wait_for_source(iov, count)
+                new = queue.next_used
+                pairs[new % size] = head | count << 32
+                new = (new + 1) & 0xFFFF
+                queue.next_used = queue.next_avail = new
+                if not unlimited:
+                    self.credit -= count
+                self.requests += 1
+                self.bytes += count
+                if not stores_ordered:
+                    release()  # the element before the index that publishes it
+                    acquire()
+                used[1] = queue.published_used = new
+                # The driver keeps one request in flight: expect the ring to be empty now.
+                start = new
                 used[avail_event_slot] = start
+                empty = True
+            else:
+                if pending:
+                    self.serve_batch(queue.pending())
+                    if self.stopping:
+                        raise _Stopped
+                    queue.publish_used()
+                # Re-arm only if the ring looks empty: a busy ring is not asked for kicks.
+                start = queue.next_avail
+                empty = avail[1] == start
+                if empty:
+                    used[avail_event_slot] = start
+            # One fence for both handshakes: our used index before the driver's used_event
+            # is read, our avail_event before its avail index is read again.
             release()
             acquire()
             new = queue.next_used

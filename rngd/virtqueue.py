@@ -141,6 +141,10 @@ class SplitQueue:
         # used: flags, idx, then {id u32, len u32}[size], then avail_event
         self.used = used_bytes.cast("H")
         self.used_elems = used_bytes[4 : 4 + 8 * size].cast("I")
+        #: The same elements as one 8-byte item each, ``id | len << 32`` (little-endian): one
+        #: store instead of two. (Possibly unaligned, which CPython's views allow; an element
+        #: needs no single-copy atomicity, the used index publishes it.)
+        self.used_pairs = used_bytes[4 : 4 + 8 * size].cast("Q")
         self._views = (avail_bytes, used_bytes)
         #: Item of `avail` holding used_event, and of `used` holding avail_event.
         self.used_event_slot = 2 + size
@@ -171,7 +175,14 @@ class SplitQueue:
         self._segments.clear()
         self._simple.clear()
         self.lone.clear()
-        for view in (self.avail, self.used, self.used_elems, self.desc, *self._views):
+        for view in (
+            self.avail,
+            self.used,
+            self.used_elems,
+            self.used_pairs,
+            self.desc,
+            *self._views,
+        ):
             view.release()
 
     # --- avail side ---
