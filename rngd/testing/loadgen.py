@@ -20,7 +20,8 @@ stdout (``python -m rngd.testing.loadgen guest --socket PATH [--daemon-pid PID]`
   With ``"requests": N`` as well the run also ends once N requests are done (``full`` ends
   after the batch that reaches N); ``served`` in the answer counts every request the device
   completed in the run, the ones still in flight at its end included (what the daemon did:
-  for instruction counts).
+  for instruction counts). ``"settle": true`` (``single`` only) posts each request only once
+  every thread of the daemon sleeps, as it would behind a real guest's round trip.
 * ``{"cmd": "close"}``: hang up.
 
 ``raw --source FILE`` answers ``run`` commands (with ``chunk``) by reading the source with
@@ -109,6 +110,32 @@ def context_switches(pid: int) -> int:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
+
+
+def all_asleep(pid: int) -> bool:
+    """Every thread of ``pid`` is asleep (state S: blocked in a system call, such as a poll)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended between listdir and open
+        if state != "S":
+            return False
+    return True
+
+
+def wait_asleep(pid: int, timeout: float = STALL_SECONDS) -> None:
+    """Return once every thread of ``pid`` has been seen asleep twice, 100 µs apart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if all_asleep(pid):
+            time.sleep(0.0001)
+            if all_asleep(pid):
+                return
+        if time.monotonic() > deadline:
+            raise DeviceMisbehaved(f"process {pid} did not go to sleep in {timeout:.0f} s")
+        time.sleep(0.0001)
 
 
 def rss_kib(pid: int) -> int:
@@ -291,9 +318,21 @@ class FastRing:
         served = requests + ((self._seen - seen) & 0xFFFF)
         return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own, kicks, waits, served=served)
 
-    def run_single(self, until_ns: int, pid: int | None, max_requests: int | None = None) -> Window:
+    def run_single(
+        self,
+        until_ns: int,
+        pid: int | None,
+        max_requests: int | None = None,
+        settle: bool = False,
+    ) -> Window:
         """One request in flight, as the Linux driver: post, kick, wait for the call, repeat;
-        until ``until_ns`` or ``max_requests`` requests."""
+        until ``until_ns`` or ``max_requests`` requests.
+
+        With ``settle``, each request waits until every thread of the daemon ``pid`` sleeps:
+        as behind a real guest, whose round trip is long enough for the daemon to go back to
+        its poll, and unlike a daemon slowed down by valgrind, which would otherwise find the
+        next request before it sleeps and never pay for the wake-up.
+        """
         avail, used, elems = self._avail, self._used, self._elems
         mask = self.size - 1
         used_event = 2 + self.size
@@ -306,7 +345,13 @@ class FastRing:
         own0 = time.process_time_ns()
         kicks0, waits0 = self.kicks, self.waits
         t0 = clock()
-        while (posted := clock()) < until_ns and requests < limit:
+        settle_pid = pid if settle else None
+        while True:
+            if settle_pid is not None:
+                wait_asleep(settle_pid)
+            posted = clock()
+            if posted >= until_ns or requests >= limit:
+                break
             # One in flight and it came back: every descriptor is free.
             head = self._avail_idx & mask
             avail[2 + head] = head
@@ -384,13 +429,17 @@ class Guest:
         await vmm.get_features()
         return queue
 
-    def run(self, mode: str, until_ns: int, max_requests: int | None = None) -> Window:
+    def run(
+        self, mode: str, until_ns: int, max_requests: int | None = None, settle: bool = False
+    ) -> Window:
         if self.ring is None:
             raise RuntimeError("run before start")
         if mode == "full":
             return self.ring.run_full(until_ns, self.daemon_pid, max_requests)
         if mode == "single":
-            return self.ring.run_single(until_ns, self.daemon_pid, max_requests)
+            if settle and self.daemon_pid is None:
+                raise ValueError("settle needs --daemon-pid")
+            return self.ring.run_single(until_ns, self.daemon_pid, max_requests, settle)
         raise ValueError(f"unknown mode {mode!r}")
 
     def close(self) -> None:
@@ -456,7 +505,10 @@ def guest_main(socket_path: str, daemon_pid: int | None) -> int:
         if name == "run":
             limit = command.get("requests")
             window = guest.run(
-                str(command["mode"]), _until(command), None if limit is None else int(limit)
+                str(command["mode"]),
+                _until(command),
+                None if limit is None else int(limit),
+                bool(command.get("settle", False)),
             )
             return asdict(window)
         if name == "close":
