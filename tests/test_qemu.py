@@ -391,11 +391,12 @@ def test_compare_rngd_with_builtin(
     """`rngd-qemu compare`, briefly: one round, rngd and QEMU's built-in device, plus an
     `--against` back-end that dies at once (`false`). Figures only have to exist and be
     positive; how they compare is for the benchmark, not a test. The dead back-end costs its
-    own boot, listed as failed (exit status 1), not the comparison."""
+    own boot, listed as failed (exit status 1), not the comparison. rngd runs with a rate
+    limit that never binds (`--max-bytes`/`--period` reach every vhost-user back-end)."""
     nbytes = 64 * 1024
     result = workdir / "compare.json"
     argv = ["compare", "--bytes", str(nbytes), "--rounds", "1", "--qemu", qemu.binary]
-    argv += ["--accel", accel, "--against", "false"]
+    argv += ["--accel", accel, "--against", "false", "--max-bytes", "1000000000", "-p", "1000"]
     status = main([*argv, "--json", str(result), "--log-dir", str(workdir / "logs")])
     out, err = capsys.readouterr()
     assert status == 1, err[-3000:]
@@ -415,6 +416,11 @@ def test_compare_rngd_with_builtin(
     builtin = next(run for run in runs if run["backend"] == "built-in")
     assert builtin["backend_cpu_seconds"] is None  # the built-in device's work is QEMU's
     assert "| built-in | " in out and "| rngd | " in out, out
+    config = json.loads(result.read_text())["config"]
+    assert (config["max_bytes"], config["period"]) == (1_000_000_000, 1000)
+    assert "--max-bytes 1000000000 --period 1000" in out, out
+    started = [line for line in err.splitlines() if "-m rngd " in line]
+    assert started and all("--max-bytes 1000000000 --period 1000" in c for c in started), err
     for log in (workdir / "logs").glob("*-rngd.log"):
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     print(out)

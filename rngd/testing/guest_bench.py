@@ -23,6 +23,9 @@ What is measured, per boot:
   the read likewise.
 
 Each guest checks that its hwrng is the virtio one (`rng_current`) and that it read N bytes.
+
+`--max-bytes`/`--period` run every vhost-user back-end (rngd and each `--against`) with that
+rate limit; QEMU's built-in device, the baseline, stays unlimited.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from rngd.config import MAX_PERIOD_MS
 from rngd.testing.guest import GuestBuildError, TestGuest, build_test_guest, parse_report
 from rngd.testing.qemu import (
     DEFAULT_MEMORY,
@@ -193,6 +197,18 @@ def _ms_s(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:,.1f}"
 
 
+def limit_note(max_bytes: int | None, period: int | None) -> str:
+    """The line under the tables that says which rate limit the back-ends ran with."""
+    if max_bytes is None and period is None:
+        return "No rate limit."
+    words = []
+    if max_bytes is not None:
+        words.append(f"--max-bytes {max_bytes}")
+    if period is not None:
+        words.append(f"--period {period}")
+    return f"Every vhost-user back-end ran with {' '.join(words)}; the built-in device without."
+
+
 def markdown(runs: Sequence[Run], summaries: Sequence[Summary]) -> str:
     """Two Markdown tables: one row per back-end, then one row per boot."""
     lines = [
@@ -246,6 +262,9 @@ class Bench:
     python: str = sys.executable
     log_dir: Path | None = None
     timeout: float | None = None
+    #: The rate limit of every vhost-user back-end (--max-bytes, --period), if any.
+    max_bytes: int | None = None
+    period: int | None = None
     say: Callable[[str], None] = lambda message: None
 
     def boot(self, backend: Backend, round_: int, position: int) -> Run:
@@ -254,7 +273,13 @@ class Bench:
         with contextlib.ExitStack() as stack:
             daemon: Rngd | None = None
             if backend.program is not None:
-                options = RngdOptions(self.workdir / f"{tag}.sock", 1, extra=["-f", self.source])
+                options = RngdOptions(
+                    self.workdir / f"{tag}.sock",
+                    1,
+                    max_bytes=self.max_bytes,
+                    period=self.period,
+                    extra=["-f", self.source],
+                )
                 daemon = Rngd(
                     options,
                     python=self.python,
@@ -431,6 +456,21 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_SOURCE,
         help=f"entropy source of all (default {DEFAULT_SOURCE})",
     )
+    parser.add_argument(
+        "-m",
+        "--max-bytes",
+        type=int,
+        metavar="N",
+        help="run rngd and every --against back-end with this rate limit (bytes per period; "
+        "vhost-device-rng's -m/--max-bytes); QEMU's built-in device stays unlimited",
+    )
+    parser.add_argument(
+        "-p",
+        "--period",
+        type=int,
+        metavar="MS",
+        help=f"the rate limit's period in ms (1..{MAX_PERIOD_MS}), for the same back-ends",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     parser.add_argument("--qemu", help=f"QEMU binary (default {QEMU_BINARY} or $RNGD_QEMU)")
@@ -454,6 +494,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not os.access(args.source, os.R_OK):
         say(f"error: cannot read {args.source}")
+        return 2
+    if args.max_bytes is not None and args.max_bytes < 1:
+        say("error: --max-bytes must be at least 1")
+        return 2
+    if args.period is not None and not 1 <= args.period <= MAX_PERIOD_MS:
+        say(f"error: --period must be within 1..{MAX_PERIOD_MS} ms")
         return 2
     backends = [
         Backend(BUILTIN, None),
@@ -492,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 python=args.python,
                 log_dir=args.log_dir,
                 timeout=args.timeout,
+                max_bytes=args.max_bytes,
+                period=args.period,
                 say=say,
             )
             started = time.monotonic()
@@ -509,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     summaries = summarize(runs, backends)
     sys.stdout.write(markdown(runs, summaries))
+    sys.stdout.write(f"\n{limit_note(args.max_bytes, args.period)}\n")
     if failures:
         sys.stdout.write("\nBoots that failed (left out above):\n\n")
         sys.stdout.write("".join(f"- {line}\n" for line in failures))
@@ -523,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "qemu": version,
                 "accel": accel,
                 "memory": args.memory,
+                "max_bytes": args.max_bytes,
+                "period": args.period,
                 "kernel_release": guest.kernel_release,
                 "cpus": os.cpu_count(),
                 "loadavg_before": load_before,

@@ -17,6 +17,11 @@ stdout (``python -m rngd.testing.loadgen guest --socket PATH [--daemon-pid PID]`
   (shared by every process on the host) run for S seconds: ``full`` keeps the ring full,
   ``single`` keeps one request in flight and times each. The answer has the requests, bytes,
   seconds, the daemon's CPU time over exactly that window, and for ``single`` the latencies.
+  With ``"requests": N`` as well the run also ends once N requests are done (``full`` ends
+  after the batch that reaches N); ``served`` in the answer counts every request the device
+  completed in the run, the ones still in flight at its end included (what the daemon did:
+  for instruction counts). ``"settle": true`` (``single`` only) posts each request only once
+  every thread of the daemon sleeps, as it would behind a real guest's round trip.
 * ``{"cmd": "close"}``: hang up.
 
 ``raw --source FILE`` answers ``run`` commands (with ``chunk``) by reading the source with
@@ -107,6 +112,32 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def all_asleep(pid: int) -> bool:
+    """Every thread of ``pid`` is asleep (state S: blocked in a system call, such as a poll)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended between listdir and open
+        if state != "S":
+            return False
+    return True
+
+
+def wait_asleep(pid: int, timeout: float = STALL_SECONDS) -> None:
+    """Return once every thread of ``pid`` has been seen asleep twice, 100 µs apart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if all_asleep(pid):
+            time.sleep(0.0001)
+            if all_asleep(pid):
+                return
+        if time.monotonic() > deadline:
+            raise DeviceMisbehaved(f"process {pid} did not go to sleep in {timeout:.0f} s")
+        time.sleep(0.0001)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -134,6 +165,9 @@ class Window:
     kicks: int = 0
     waits: int = 0
     latencies_ns: list[int] = field(default_factory=list)
+    #: Requests the device completed from the run's start through the drain that ends it:
+    #: ``requests`` plus those in flight when the run ended.
+    served: int = 0
 
 
 class FastRing:
@@ -227,12 +261,14 @@ class FastRing:
                 self._wait()
         self._seen = seen
 
-    def run_full(self, until_ns: int, pid: int | None) -> Window:
-        """Keep every descriptor posted until ``until_ns`` (time.monotonic_ns)."""
+    def run_full(self, until_ns: int, pid: int | None, max_requests: int | None = None) -> Window:
+        """Keep every descriptor posted until ``until_ns`` (time.monotonic_ns), or until the
+        batch that completes ``max_requests``."""
         avail, used, elems = self._avail, self._used, self._elems
         size, mask, chunk = self.size, self.size - 1, self.chunk
         used_event = 2 + size
         clock = time.monotonic_ns
+        limit = sys.maxsize if max_requests is None else max_requests
         requests = nbytes = 0
         cpu0 = None if pid is None else cpu_sample(pid)
         own0 = time.process_time_ns()
@@ -271,7 +307,7 @@ class FastRing:
             self._repost(start, count)
             seen = now_used
             self._seen = seen
-            if clock() >= until_ns:
+            if clock() >= until_ns or requests >= limit:
                 break
             self._publish((self._avail_idx + count) & 0xFFFF)
         t1 = clock()
@@ -279,22 +315,43 @@ class FastRing:
         cpu = None if pid is None or cpu0 is None else cpu_ns_between(cpu0, cpu_sample(pid))
         kicks, waits = self.kicks - kicks0, self.waits - waits0
         self.drain()
-        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own, kicks, waits)
+        served = requests + ((self._seen - seen) & 0xFFFF)
+        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own, kicks, waits, served=served)
 
-    def run_single(self, until_ns: int, pid: int | None) -> Window:
-        """One request in flight, as the Linux driver: post, kick, wait for the call, repeat."""
+    def run_single(
+        self,
+        until_ns: int,
+        pid: int | None,
+        max_requests: int | None = None,
+        settle: bool = False,
+    ) -> Window:
+        """One request in flight, as the Linux driver: post, kick, wait for the call, repeat;
+        until ``until_ns`` or ``max_requests`` requests.
+
+        With ``settle``, each request waits until every thread of the daemon ``pid`` sleeps:
+        as behind a real guest, whose round trip is long enough for the daemon to go back to
+        its poll, and unlike a daemon slowed down by valgrind, which would otherwise find the
+        next request before it sleeps and never pay for the wake-up.
+        """
         avail, used, elems = self._avail, self._used, self._elems
         mask = self.size - 1
         used_event = 2 + self.size
         clock = time.monotonic_ns
         latencies = array.array("q")
+        limit = sys.maxsize if max_requests is None else max_requests
         requests = nbytes = 0
         seen = self._seen
         cpu0 = None if pid is None else cpu_sample(pid)
         own0 = time.process_time_ns()
         kicks0, waits0 = self.kicks, self.waits
         t0 = clock()
-        while (posted := clock()) < until_ns:
+        settle_pid = pid if settle else None
+        while True:
+            if settle_pid is not None:
+                wait_asleep(settle_pid)
+            posted = clock()
+            if posted >= until_ns or requests >= limit:
+                break
             # One in flight and it came back: every descriptor is free.
             head = self._avail_idx & mask
             avail[2 + head] = head
@@ -314,7 +371,17 @@ class FastRing:
         own = time.process_time_ns() - own0
         cpu = None if pid is None or cpu0 is None else cpu_ns_between(cpu0, cpu_sample(pid))
         kicks, waits = self.kicks - kicks0, self.waits - waits0
-        return Window(requests, nbytes, (t1 - t0) / 1e9, cpu, own, kicks, waits, latencies.tolist())
+        return Window(
+            requests,
+            nbytes,
+            (t1 - t0) / 1e9,
+            cpu,
+            own,
+            kicks,
+            waits,
+            latencies.tolist(),
+            served=requests,  # one in flight, and it came back
+        )
 
 
 # -- the guest process ----------------------------------------------------------------------
@@ -362,13 +429,17 @@ class Guest:
         await vmm.get_features()
         return queue
 
-    def run(self, mode: str, until_ns: int) -> Window:
+    def run(
+        self, mode: str, until_ns: int, max_requests: int | None = None, settle: bool = False
+    ) -> Window:
         if self.ring is None:
             raise RuntimeError("run before start")
         if mode == "full":
-            return self.ring.run_full(until_ns, self.daemon_pid)
+            return self.ring.run_full(until_ns, self.daemon_pid, max_requests)
         if mode == "single":
-            return self.ring.run_single(until_ns, self.daemon_pid)
+            if settle and self.daemon_pid is None:
+                raise ValueError("settle needs --daemon-pid")
+            return self.ring.run_single(until_ns, self.daemon_pid, max_requests, settle)
         raise ValueError(f"unknown mode {mode!r}")
 
     def close(self) -> None:
@@ -395,7 +466,8 @@ def raw_reads(fd: int, chunk: int, until_ns: int) -> Window:
                 os.lseek(fd, 0, os.SEEK_SET)  # a regular file at its end: start over
         reads += batch
     t1 = clock()
-    return Window(reads, reads * chunk, (t1 - t0) / 1e9, time.process_time_ns() - cpu0)
+    cpu = time.process_time_ns() - cpu0
+    return Window(reads, reads * chunk, (t1 - t0) / 1e9, cpu, served=reads)
 
 
 def _until(command: dict[str, Any]) -> int:
@@ -431,7 +503,14 @@ def guest_main(socket_path: str, daemon_pid: int | None) -> int:
         if name == "start":
             return guest.start(int(command["queue_size"]), int(command["chunk"]))
         if name == "run":
-            return asdict(guest.run(str(command["mode"]), _until(command)))
+            limit = command.get("requests")
+            window = guest.run(
+                str(command["mode"]),
+                _until(command),
+                None if limit is None else int(limit),
+                bool(command.get("settle", False)),
+            )
+            return asdict(window)
         if name == "close":
             guest.close()
             return {}
