@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import select
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -29,7 +30,7 @@ from rngd.incidents import IncidentLog
 from rngd.observe import ConnectionCounters, RingCounters
 from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
 from rngd.threads import ThreadStartError, run_owned_thread
-from rngd.virtqueue import DESC, STORES_ORDERED, ChainError, Segment, SplitQueue
+from rngd.virtqueue import DESC, STORES_ORDERED, ChainError, Lone, Segment, SplitQueue
 
 #: Largest fill of one request. virtio-rng lets the device return fewer bytes than offered; a
 #: bound keeps one request with a huge buffer from holding its vring (and budget) for long.
@@ -39,6 +40,8 @@ MAX_BATCH_BYTES = 1 << 20
 #: Most buffers one readv takes (the kernel's UIO_MAXIOV).
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 _ONE = (1).to_bytes(8, "little")
+_FIRST = operator.itemgetter(0)
+_THIRD = operator.itemgetter(2)
 _EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 
 
@@ -374,8 +377,35 @@ class VringWorker(RingCounters):
     def serve_batch(self, pending: int) -> None:
         """Serve up to `pending` requests (fewer if the budget or a batch's bounds say so)."""
         queue = self.queue
-        chain_of = queue.chain
         heads = queue.heads(pending)
+        # A ring kept full of buffers seen before, within the bounds and the credit: every
+        # step at C speed (map, sum, one readv, one store of the used elements).
+        entries = queue.lone_at(heads)
+        if all(entries) and len(entries) <= _IOV_MAX:
+            found = cast(list[Lone], entries)
+            lengths = list(map(_FIRST, found))
+            total = sum(lengths)
+            if total <= MAX_BATCH_BYTES and (self.unlimited or self.take_credit(total) == total):
+                iov = list(map(_THIRD, found))
+                count = self.source.read(iov)
+                if count <= 0:
+                    count = self.wait_for_source(iov, count)
+                if count < total:
+                    lengths = _fills(lengths, count)  # a short read: the rest wait
+                queue.put_used_many(heads, lengths)
+                if not self.unlimited:
+                    self.credit -= count
+                self.bytes += count
+                self.requests += len(lengths)
+                return
+        # Anything else, a step at a time.
+        self.serve_chains(heads)
+
+    def serve_chains(self, heads: list[int]) -> None:
+        """`serve_batch` for requests that are not all plain buffers seen before, or more
+        than a batch's bounds or the credit let through at once."""
+        queue = self.queue
+        chain_of = queue.chain
         # 1. Walk the chains, in order: what each may take.
         chains: list[list[Segment] | None] = []
         total = 0
@@ -496,6 +526,18 @@ class VringWorker(RingCounters):
             count = source.read(iov)
             if count > 0:
                 return count
+
+
+def _fills(lengths: list[int], count: int) -> list[int]:
+    """How much of `count` bytes, read into buffers of `lengths` in order, each request got,
+    up to the first that got nothing."""
+    fills = []
+    for length in lengths:
+        if count <= 0:
+            break
+        fills.append(length if length <= count else count)
+        count -= length
+    return fills
 
 
 def lay_out(segments: list[Segment], limit: int, iov: list[memoryview]) -> int:
