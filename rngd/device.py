@@ -16,6 +16,7 @@ scheduler when the budget is spent. Cancelling the task stops the thread and joi
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import operator
 import os
@@ -30,7 +31,15 @@ from rngd.incidents import IncidentLog
 from rngd.observe import ConnectionCounters, RingCounters
 from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
 from rngd.threads import ThreadStartError, run_owned_thread
-from rngd.virtqueue import DESC, STORES_ORDERED, ChainError, Lone, Segment, SplitQueue
+from rngd.virtqueue import (
+    DESC,
+    SMALL_TABLE,
+    STORES_ORDERED,
+    ChainError,
+    Lone,
+    Segment,
+    SplitQueue,
+)
 
 #: Largest fill of one request. virtio-rng lets the device return fewer bytes than offered; a
 #: bound keeps one request with a huge buffer from holding its vring (and budget) for long.
@@ -88,15 +97,21 @@ class Notifier:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        #: The number the thread writes to (None until the VMM gives one). Read by the thread
-        #: on every signal; it only ever changes from None to a number while a ring runs.
+        #: The number the thread writes to (None until the VMM gives one).
         self.fd: int | None = None
+        #: `write` of a file object on `fd` (None with it), read by the thread on every
+        #: signal: it only ever changes from None to a function while a ring runs. It costs
+        #: less than `os.write` and answers EAGAIN (a saturated counter) with None, where
+        #: `os.write` raises.
+        self.write: Callable[[bytes], int | None] | None = None
 
     def replace(self, fd: int | None) -> None:
         """Signal `fd` from now on (None: nothing). Takes ownership of `fd`: it is closed here,
         its description kept at `self.fd`, which the previous one's number goes on naming."""
         if self.fd is None:
-            self.fd = fd
+            if fd is not None:
+                self.fd = fd
+                self.write = io.FileIO(fd, "w", closefd=False).write
             return
         if fd is None:
             # Signal nothing: a fresh eventfd of our own takes the number; nobody reads it,
@@ -115,17 +130,16 @@ class Notifier:
     def close(self) -> None:
         """Close the fd (once no thread can signal it: every ring stopped)."""
         if self.fd is not None:
+            self.write = None
             os.close(self.fd)
             self.fd = None
 
     def signal(self) -> None:
-        fd = self.fd
-        if fd is None:
+        write = self.write
+        if write is None:
             return
         try:
-            os.write(fd, _ONE)
-        except BlockingIOError:
-            pass  # the counter is saturated: the VMM has a wake-up pending anyway
+            write(_ONE)  # None if the counter is saturated: a wake-up is pending anyway
         except OSError as exc:
             raise EventfdError(f"signalling the {self.what} fd failed: {exc.strerror}") from exc
 
@@ -254,44 +268,52 @@ class VringWorker(RingCounters):
         Hot names are locals: this loop is what a guest waits on, per request.
         """
         queue, call, source = self.queue, self.call, self.source
-        avail, used, pairs, desc = queue.avail, queue.used, queue.used_pairs, queue.desc
+        avail, used, elems, desc = queue.avail, queue.used, queue.used_elems, queue.desc
         size = queue.size
+        copy_table = desc.tobytes if size <= SMALL_TABLE else None
+        by_index = queue.lone_by_index
         used_event_slot, avail_event_slot = queue.used_event_slot, queue.avail_event_slot
         lone = queue.lone.get
         unpack = DESC.unpack_from
-        readv, write = os.readv, os.write
         release, acquire = queue.fence.release, queue.fence.acquire
         stores_ordered = STORES_ORDERED
-        source_fd = source.direct_fd
+        # A source that needs no more than a read is read here, through a file object's
+        # readinto (cheaper than os.readv; None at EAGAIN); any other, and every error, end
+        # of file or empty pipe, through `source.read`.
+        readinto: Callable[[memoryview], int | None] = _no_read
+        if source.direct_fd is not None:
+            readinto = io.FileIO(source.direct_fd, closefd=False).readinto
         clock = self.clock_reader
         unlimited = self.unlimited
-        while not self.stopping:
+        while True:
+            # (The used index always equals the avail index consumed: requests are completed
+            # in order, and none is kept across a stop.)
             start = queue.next_avail
-            pending = (avail[1] - start) & 0xFFFF
-            if pending == 1 and (head := avail[2 + start % size]) < size:
-                entry = lone(unpack(desc, head << 4))
-            else:
-                entry = None
             if (
-                entry is not None
+                (avail[1] - start) & 0xFFFF == 1
+                and (head := avail[2 + start % size]) < size
+                and (
+                    entry := by_index(copy_table())[head]
+                    if copy_table
+                    else lone(unpack(desc, head << 4))
+                )
+                is not None
                 and (length := entry[0]) <= MAX_REQUEST_BYTES
                 and (unlimited or (self.credit >= length and clock() < self.deadline))
             ):
-                iov = entry[1]
-                count = -1
-                if source_fd is not None:
-                    try:  # noqa: SIM105 (suppress() costs a call per request)
-                        count = readv(source_fd, iov)
-                    except OSError:
-                        pass  # read again below, where errors are told apart
-                if count <= 0:
+                try:
+                    count = readinto(entry[2])
+                except OSError:
+                    count = 0
+                if not count:
+                    iov = entry[1]
                     count = source.read(iov)
                     if count <= 0:
                         count = self.wait_for_source(iov, count)
-                new = queue.next_used
-                pairs[new % size] = head | count << 32
-                new = (new + 1) & 0xFFFF
-                queue.next_used = queue.next_avail = new
+                slot = (start % size) << 1
+                elems[slot] = head
+                elems[slot + 1] = count
+                start = queue.next_used = queue.next_avail = (start + 1) & 0xFFFF
                 if not unlimited:
                     self.credit -= count
                 self.requests += 1
@@ -299,13 +321,12 @@ class VringWorker(RingCounters):
                 if not stores_ordered:
                     release()  # the element before the index that publishes it
                     acquire()
-                used[1] = queue.published_used = new
+                used[1] = queue.published_used = start
                 # The driver keeps one request in flight: expect the ring to be empty now.
-                start = new
                 used[avail_event_slot] = start
                 empty = True
             else:
-                if pending:
+                if (avail[1] - start) & 0xFFFF:
                     self.serve_batch(queue.pending())
                     if self.stopping:
                         raise _Stopped
@@ -319,32 +340,31 @@ class VringWorker(RingCounters):
             # is read, our avail_event before its avail index is read again.
             release()
             acquire()
-            new = queue.next_used
             old = queue.signalled_used
-            if old != new:
-                # vring_need_event(): did `new` pass the index the driver asked to hear about?
-                if (new - avail[used_event_slot] - 1) & 0xFFFF < (new - old) & 0xFFFF:
-                    fd = call.fd
-                    if fd is not None:
+            if old != start:
+                # vring_need_event(): did `start` pass the index the driver asked to hear of?
+                if (start - avail[used_event_slot] - 1) & 0xFFFF < (start - old) & 0xFFFF:
+                    write = call.write
+                    if write is not None:
                         try:
-                            write(fd, _ONE)
-                        except BlockingIOError:
-                            pass  # the counter is saturated: a wake-up is pending anyway
+                            write(_ONE)  # None if the counter is saturated: a wake-up is due
                         except OSError as exc:
                             raise EventfdError(
                                 f"signalling the call fd failed: {exc.strerror}"
                             ) from exc
                     self.interrupts += 1
-                queue.signalled_used = new
+                queue.signalled_used = start
             if not empty or avail[1] != start:
+                if self.stopping:
+                    raise _Stopped
                 continue
+            # A stop is told by the stop fd while asleep, by `stopping` while busy.
             for fd, events in poll():
                 if fd == stop_fd:
                     return
                 if events & _EPOLL_TROUBLE:
                     raise EventfdError(f"kick fd reports poll events {events:#x}")
                 self.kicks += 1
-        raise _Stopped
 
     def serve_without_event_idx(
         self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int
@@ -526,6 +546,10 @@ class VringWorker(RingCounters):
             count = source.read(iov)
             if count > 0:
                 return count
+
+
+def _no_read(buffer: memoryview) -> int | None:
+    return None
 
 
 def _fills(lengths: list[int], count: int) -> list[int]:

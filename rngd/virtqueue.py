@@ -28,6 +28,10 @@ if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("rngd's virtqueue needs a little-endian host")
 
 _TIMES_16 = (16).__mul__
+#: Most descriptors in a table that is copied to look one request up (QEMU's vhost-user-rng
+#: queue has 4): a copy and a compare of 64 bytes cost less than unpacking one descriptor
+#: and hashing it.
+SMALL_TABLE = 16
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -149,10 +153,6 @@ class SplitQueue:
         # used: flags, idx, then {id u32, len u32}[size], then avail_event
         self.used = used_bytes.cast("H")
         self.used_elems = used_bytes[4 : 4 + 8 * size].cast("I")
-        #: The same elements as one 8-byte item each, ``id | len << 32`` (little-endian): one
-        #: store instead of two. (Possibly unaligned, which CPython's views allow; an element
-        #: needs no single-copy atomicity, the used index publishes it.)
-        self.used_pairs = used_bytes[4 : 4 + 8 * size].cast("Q")
         self._views = (avail_bytes, used_bytes)
         #: Item of `avail` holding used_event, and of `used` holding avail_event.
         self.used_event_slot = 2 + size
@@ -192,7 +192,6 @@ class SplitQueue:
             self.avail,
             self.used,
             self.used_elems,
-            self.used_pairs,
             self.desc,
             *self._views,
         ):
@@ -253,14 +252,18 @@ class SplitQueue:
         than looking each head up.
         """
         desc = self.desc
-        if 64 * len(heads) < self.size:
+        if 64 * len(heads) < self.size and self.size > SMALL_TABLE:
             descriptors = map(DESC.unpack_from, repeat(desc), map(_TIMES_16, heads))
             return list(map(self.lone.get, descriptors))
-        table = desc.tobytes()
+        return list(map(self.lone_by_index(desc.tobytes()).__getitem__, heads))
+
+    def lone_by_index(self, table: bytes) -> list[Lone | None]:
+        """`lone`'s entry for every descriptor of `table`, a copy of the descriptor table made
+        just now, looked up again only if it differs from the last one."""
         if table != self._table:
             self._table = table
             self._by_index = list(map(self.lone.get, DESC.iter_unpack(table)))
-        return list(map(self._by_index.__getitem__, heads))
+        return self._by_index
 
     def chain(self, head: int) -> list[Segment]:
         """The writable buffers of the chain at `head`, in order, validated.
