@@ -235,6 +235,61 @@ async def test_fair_light_guest_keeps_its_bytes_and_lends_the_rest(
         assert dict(windows[w]) == {0: 990, 1: 10}, w
 
 
+# -- leases: `spare` ----------------------------------------------------------------------------
+
+
+async def test_split_spare_comes_from_the_guests_own_share_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sched = BandwidthScheduler(1600, PERIOD, 2)
+    assert sched.guest(0).lease == 100  # an eighth of the even share
+    first, second = sched.guest(0), sched.guest(1)
+    assert first.try_acquire(64, spare=36) == 100
+    assert first.try_acquire(64, spare=10_000) == 700  # the rest of its 800, no more
+    assert first.try_acquire(1) == 0
+    assert second.try_acquire(800) == 800  # untouched by the other's leases
+    assert sched.statistics().granted == 1600
+
+
+async def test_spare_only_when_all_of_want_is_granted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    budget = BandwidthScheduler(100, PERIOD, 1).guest(0)
+    assert budget.try_acquire(90) == 90
+    assert budget.try_acquire(20, spare=50) == 10  # a partial grant carries no lease
+
+
+async def test_fair_spare_leaves_claims_and_demand_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lease is what is free for the guest anyway: it never makes a guest unlimited (a
+    refusal beyond its demand would), so it never takes another guest's claim."""
+    sched = BandwidthScheduler(1000, PERIOD, 2, ShareMode.FAIR)
+    light, heavy = sched.guest(0), sched.guest(1)
+    await trio.sleep_until(PERIOD * 1.1)
+    assert light.try_acquire(10) == 10
+    assert heavy.try_acquire(10_000) == 990
+    await trio.sleep_until(PERIOD * 2.1)  # window 2: light expects 10, heavy the rest
+    claims = [g.claim for g in sched.statistics().guests]
+    assert claims == [10, 990]
+    assert light.try_acquire(10, spare=500) == 10  # its claim, and nothing of heavy's
+    assert [g.claim for g in sched.statistics().guests] == claims
+    assert heavy.try_acquire(10_000) == 990
+
+
+async def test_leases_never_charge_a_window_beyond_the_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sched = BandwidthScheduler(1000, PERIOD, 3, ShareMode.FAIR)
+    for k in range(5):
+        await trio.sleep_until(PERIOD * (k + 0.5))
+        for i in range(3):
+            budget = sched.guest(i)
+            while budget.try_acquire(7, spare=budget.lease):
+                pass
+        assert sched.statistics().granted <= 1000
+
+
 # -- one request at a time --------------------------------------------------------------------
 
 

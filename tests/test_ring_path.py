@@ -13,6 +13,7 @@ import threading
 import trio
 
 from rngd.testing import Frontend, Used, daemon_in_process, daemon_process
+from rngd.testing.driver import DESC_F_NEXT, DESC_F_WRITE
 
 STEP = 5.0
 
@@ -168,3 +169,59 @@ async def test_a_chain_longer_than_readv_takes_is_filled_in_part(socks: list[str
             (used,) = await queue.wait_used()
         assert used.len == 1024
         assert len(await queue.read_random(64)) == 64  # and the ring goes on
+
+
+def event_loop_switches(pid: int) -> int:
+    """Voluntary context switches of the daemon's main thread, where trio runs: each time it
+    slept and was woken."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+async def test_a_limit_that_never_binds_wakes_the_event_loop_once_a_lease(workdir: str) -> None:
+    """With a rate limit, the ring's thread takes budget from trio in leases: 300 requests
+    one at a time, as the Linux driver sends them, wake the event loop a handful of times,
+    not once a request (as when the thread asked for exactly each request's bytes)."""
+    async with (
+        daemon_process(
+            os.path.join(workdir, "rng.sock"),
+            log_level="warning",
+            max_bytes=1_000_000_000,
+            period_ms=60_000,
+        ) as daemon,
+        await Frontend.connect(daemon.socket_paths[0]) as vmm,
+    ):
+        queue = await vmm.start_qemu72(4)
+        await queue.read_random(64)  # the ring runs and holds its first lease
+        before = event_loop_switches(daemon.pid)
+        data = await queue.read_random(300 * 64, in_flight=1)
+        woken = event_loop_switches(daemon.pid) - before
+        assert len(data) == 300 * 64
+        assert woken < 30, f"the event loop woke {woken} times for 300 requests"
+
+
+async def test_a_chain_whose_second_buffer_moves_is_filled_where_it_points(
+    socks: list[str],
+) -> None:
+    """A two-descriptor chain posted again with the same head descriptor but its second one
+    pointing elsewhere: the second fill lands in the new buffer (a chain is cached by its
+    head's bytes only when the head is the whole chain)."""
+    async with await Frontend.connect(socks[0]) as vmm:
+        queue = await vmm.start_qemu72(8)
+        assert vmm.memory is not None
+        head, old, new = (vmm.memory.alloc(32, 8) for _ in range(3))
+        for target in (old, new):
+            for gpa in (head, old, new):
+                vmm.memory.fill(gpa, 32, 0xA5)
+            queue.raw_write_desc(1, target, 32, DESC_F_WRITE, 0)
+            queue.raw_post_buffer(0, head, 32, DESC_F_WRITE | DESC_F_NEXT, 1)
+            queue.kick(force=True)
+            with trio.fail_after(STEP):
+                (used,) = await queue.wait_used(strict=False)
+            assert used.len == 64
+            other = new if target == old else old
+            assert vmm.memory.read(target, 32) != b"\xa5" * 32
+            assert vmm.memory.read(other, 32) == b"\xa5" * 32, "filled where it used to point"
