@@ -197,8 +197,10 @@ class HealthTests:
         s = self.stride
         sample = block[::s]
         if len(sample) > 1:
-            diff = int.from_bytes(sample[:-1], "little") ^ int.from_bytes(sample[1:], "little")
-            zeros = diff.to_bytes(len(sample) - 1, "little")
+            # Byte k of `zeros` is sample[k] ^ sample[k + 1] (the top one, sample[-1] ^ 0, is
+            # never looked at).
+            x = int.from_bytes(sample, "little")
+            zeros = (x ^ (x >> 8)).to_bytes(len(sample), "little")[:-1]
             k = zeros.find(0)
             covered = lead
             while k >= 0:
@@ -217,7 +219,7 @@ class HealthTests:
                 k = zeros.find(0, k + 1)
         # The run this block ends with, carried into the next.
         tail_value = block[-1]
-        tail = n - len(block.rstrip(block[-1:]))
+        tail = 1 if block[-2] != tail_value else n - len(block.rstrip(block[-1:]))
         if tail == n and self.last == tail_value:
             self.run += n
         else:
