@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import select
@@ -399,3 +400,62 @@ async def test_good_stream_of_1_gib_raises_no_alarm(workdir: str) -> None:
         assert not source.failed()
     finally:
         source.close()
+
+
+async def test_one_stream_for_guests_reading_at_once(
+    workdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two guests read a tested file at the same time, in requests of 4 KiB kept in flight: the
+    source is one stream to the tests whatever reads it. The file holds runs of 19 zero bytes
+    (one every 40 windows, so never 3 in 64: isolated failures), some across window
+    boundaries: exactly the windows holding each run's 19th byte are discarded, each failure is
+    one log line (and counted in both guests' disconnect lines: the runs lie past what the pump
+    can read ahead before the guests read), and the two guests together get every other byte,
+    each in the file's order, neither a run of 19."""
+    caplog.set_level(logging.INFO, logger="rngd")
+    rng = random.Random(19)
+    data = bytearray(rng.randbytes(4 << 20).replace(b"\x00", b"\x01"))
+    runs = []
+    for n, window in enumerate(range((2 << 20) // WINDOW, len(data) // WINDOW, 40)):
+        start = window * WINDOW + (-9 if n % 2 else 100)  # every other one straddles
+        data[start : start + RCT] = bytes(RCT)
+        runs.append((start + RCT - 1) // WINDOW)  # the window of its 19th byte
+    path = os.path.join(workdir, "source")
+    with open(path, "wb") as f:
+        f.write(data)
+    kept = b"".join(
+        bytes(data[w * WINDOW : (w + 1) * WINDOW])
+        for w in range(len(data) // WINDOW)
+        if w not in runs
+    )
+    half = len(kept) // 2
+    got: list[bytes] = []
+    async with (
+        daemon_in_process(
+            os.path.join(workdir, "rng.sock"), filename=path, socket_count=2
+        ) as paths,
+        await Frontend.connect(paths[0]) as first,
+        await Frontend.connect(paths[1]) as second,
+    ):
+        await first.start_qemu72(16)
+        await second.start_qemu72(16)
+
+        async def read(vmm: Frontend, nbytes: int) -> None:
+            got.append(await vmm.read_random(nbytes, chunk=4096, in_flight=None))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, first, half)
+                nursery.start_soon(read, second, len(kept) - half)
+    assert sorted(len(g) for g in got) == sorted([half, len(kept) - half])
+    for part in got:
+        assert no_stuck_run(part)
+        assert in_order(part, kept)
+    failures = [r.getMessage() for r in caplog.records if "failed a health test" in r.getMessage()]
+    assert len(failures) == len(runs), failures
+    offsets = [int(m.split("in the window at byte ")[1].split(";")[0]) for m in failures]
+    assert offsets == [w * WINDOW for w in runs]
+    assert not any("declared failed" in r.getMessage() for r in caplog.records)
+    disconnects = [r.getMessage() for r in caplog.records if "VMM disconnected" in r.getMessage()]
+    assert len(disconnects) == 2, disconnects
+    assert all(f"health_failures={len(runs)}" in line for line in disconnects), disconnects
