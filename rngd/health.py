@@ -207,9 +207,7 @@ class HealthTests:
                 p = k * s
                 if p >= covered and block[p : p + s + 1] == block[p : p + 1] * (s + 1):
                     value = block[p]
-                    byte = block[p : p + 1]
-                    left = len(block[:p].rstrip(byte))
-                    right = n - len(block[p:].lstrip(byte))
+                    left, right = _run_around(block, p)
                     length = right - left
                     if left == 0 and carried:
                         pass  # the carried run, handled above
@@ -226,6 +224,32 @@ class HealthTests:
             self.run = tail
         self.last = tail_value
         return runs
+
+
+def _run_around(block: bytes, p: int) -> tuple[int, int]:
+    """Where the run of equal bytes holding `block[p]` begins and ends (end exclusive).
+
+    Looked for in slices that double in size from 64 bytes, so that a run costs what its
+    length does, never the block's: a stream of many short runs stays linear."""
+    byte = block[p : p + 1]
+    n = len(block)
+    left, step = p, 64
+    while left > 0:
+        low = max(0, left - step)
+        kept = len(block[low:left].rstrip(byte))
+        if kept:
+            left = low + kept
+            break
+        left, step = low, step * 2
+    right, step = p + 1, 64
+    while right < n:
+        high = min(n, right + step)
+        rest = len(block[right:high].lstrip(byte))
+        if rest:
+            right = high - rest
+            break
+        right, step = high, step * 2
+    return left, right
 
 
 class State(enum.Enum):

@@ -163,6 +163,20 @@ def test_a_run_carried_over_many_blocks() -> None:
     assert failures[-1].count >= 3 * WINDOW
 
 
+def test_many_short_runs() -> None:
+    """Runs of 10 and 18 equal bytes, back to back: below the RCT's cutoff, so only the APT
+    can fail them (it does, every window: its first byte fills half of it); with a run of 19
+    among them, the RCT fails that window too. Each run is looked at once (linear cost)."""
+    stream = b"".join(bytes([i % 2]) * (10 if i % 3 else 18) for i in range(5000))
+    stream = stream[: len(stream) - len(stream) % WINDOW]
+    assert checked(stream, [WINDOW * 8]) == reference_failures(stream)
+    assert {test for _, test in reference_failures(stream)} == {"adaptive proportion"}
+    spiked = bytearray(stream)
+    spiked[5000 : 5000 + RCT] = b"\x07" * RCT
+    assert checked(bytes(spiked), []) == reference_failures(bytes(spiked))
+    assert (4608, "repetition count") in reference_failures(bytes(spiked))
+
+
 def test_random_bytes_pass() -> None:
     tests = HealthTests()
     for _ in range(64):
