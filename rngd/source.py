@@ -62,12 +62,12 @@ WOULD_BLOCK = -1
 #: Bytes the device pump reads at a time.
 _PUMP_CHUNK = 4096
 #: Bytes the pump reads at a time from a tested source that is not a device (a file, a FIFO)
-#: while it passes: tested in blocks of `_TEST_BLOCK`, written into the pipe at once, so a
-#: fast source wakes the rings once per read with up to 1 MiB for them, not once per block.
+#: while it passes: tested whole and written into the pipe with one call, so a fast source
+#: wakes the rings once per MiB, and the tests' fixed cost per call is spread over a MiB.
 _TESTED_CHUNK = 1 << 20
-#: Bytes tested at a time (the tests run fastest on blocks that stay in the CPU's cache), and
-#: read at a time while the source is not passing (its start-up test, its retries).
-_TEST_BLOCK = 1 << 16
+#: Bytes read at a time from a tested source that is not passing (its start-up test, its
+#: retries while failed): what a failing source is read at most per retry.
+_RETRY_CHUNK = 1 << 16
 
 
 class SourceError(Exception):
@@ -202,7 +202,7 @@ class EntropySource:
                 return
             size = chunk
             if monitor is not None and monitor.state is not State.OK:
-                size = min(chunk, _TEST_BLOCK)
+                size = min(chunk, _RETRY_CHUNK)
             try:
                 data = os.read(source, size)
             except BlockingIOError:
@@ -231,20 +231,14 @@ class EntropySource:
                 partial = data[whole:]
                 if not whole:
                     continue
-                out = []
-                for start in range(0, whole, _TEST_BLOCK):
-                    end = min(whole, start + _TEST_BLOCK)
-                    verdict = monitor.feed(data if end - start == len(data) else data[start:end])
-                    self._tell(verdict)
-                    if verdict.back_off:
-                        # Failed: what is in the pipe goes too, what passed of this read, and
-                        # the rest of what was read.
-                        self._drain()
-                        out = []
-                        partial = b""
-                        back_off = True
-                        break
-                    out += verdict.release
+                verdict = monitor.feed(data if whole == len(data) else data[:whole])
+                self._tell(verdict)
+                out = verdict.release
+                if verdict.back_off:
+                    # Failed: what is in the pipe goes too, and the rest of what was read.
+                    self._drain()
+                    partial = b""
+                    back_off = True
             if _write_all(pipe_in, out, writable, stop):
                 return
             if back_off and wait_readable(stop, idle):
