@@ -63,8 +63,10 @@ WOULD_BLOCK = -1
 _PUMP_CHUNK = 4096
 #: Bytes the pump reads at a time from a tested source that is not a device (a file, a FIFO)
 #: while it passes: tested whole and written into the pipe with one call, so a fast source
-#: wakes the rings once per MiB, and the tests' fixed cost per call is spread over a MiB.
-_TESTED_CHUNK = 1 << 20
+#: wakes the rings once per 256 KiB, and the tests' fixed cost per call is spread over as
+#: much. A quarter of the pipe: reads of a whole pipe (1 MiB) left the pump waiting for the
+#: rings to empty it before it could write again.
+_TESTED_CHUNK = 1 << 18
 #: Bytes read at a time from a tested source that is not passing (its start-up test, its
 #: retries while failed): what a failing source is read at most per retry.
 _RETRY_CHUNK = 1 << 16
