@@ -131,7 +131,7 @@ class Connection:
         self.prefix = f"{name}: "
         #: Who connected (SO_PEERCRED at accept), for the log lines.
         self.peer = peer
-        self.counters = ConnectionCounters()
+        self.counters = ConnectionCounters(lambda: source.health_failures)
         #: trio time the connection started being served (see `uptime`).
         self.started = trio.current_time()
         #: How it ended, for the disconnect line.
@@ -176,7 +176,11 @@ class Connection:
 
     def summary(self) -> str:
         """The peer, the time connected and the counters so far, as the log lines give them."""
-        return f"{describe(self.peer)} uptime={self.uptime():.1f}s {self.counters.total()}"
+        counters = self.counters
+        return (
+            f"{describe(self.peer)} uptime={self.uptime():.1f}s {counters.total()} "
+            f"health_failures={counters.health_failures()}"
+        )
 
     def _release(self) -> None:
         if self._memory_tables > 1 or self._vring_starts > 1:

@@ -14,6 +14,7 @@ import typer
 from rngd import __version__
 from rngd.bandwidth import ShareMode
 from rngd.config import MAX_PERIOD_MS, ConfigError, DaemonConfig
+from rngd.health import HealthMode
 
 PROG = "vhost-device-rng"
 
@@ -124,6 +125,16 @@ def run(
             show_default=False,
         ),
     ] = None,
+    health_tests: Annotated[
+        HealthMode,
+        typer.Option(
+            "--health-tests",
+            help="Continuous health tests of the source (NIST SP 800-90B repetition count and "
+            "adaptive proportion tests, and a start-up test): 'auto' tests every source but "
+            "the kernel's CSPRNG (/dev/urandom, /dev/random).",
+            case_sensitive=False,
+        ),
+    ] = HealthMode.AUTO,
     log_level: Annotated[
         LogLevel,
         typer.Option("--log-level", help="Log verbosity.", case_sensitive=False),
@@ -174,6 +185,7 @@ def run(
         allow_uids=tuple(allow_uid or ()),
         connected_fd=fd,
         listen_fds=listen_fds,
+        health_tests=health_tests,
     )
     block_stop_signals()
     daemon = Daemon(config)

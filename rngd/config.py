@@ -7,6 +7,7 @@ import stat
 from dataclasses import dataclass
 
 from rngd.bandwidth import ShareMode
+from rngd.health import HealthMode
 
 #: The original's default and maximum period: 2^16 ms.
 MAX_PERIOD_MS = 65536
@@ -39,6 +40,8 @@ class DaemonConfig:
     #: Listening sockets systemd passed us (socket activation, `LISTEN_FDS`), served as
     #: guests 0..n-1 instead of sockets created at `socket_path`.
     listen_fds: tuple[int, ...] = ()
+    #: Health tests on the source (`--health-tests`): AUTO tests all but the kernel's CSPRNG.
+    health_tests: HealthMode = HealthMode.AUTO
 
     def allows(self, uid: int | None) -> bool:
         """May a peer of user id `uid` (None: unknown) connect (`--allow-uid`)?"""

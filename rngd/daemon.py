@@ -170,7 +170,7 @@ class Daemon:
         config.validate()
         self.config = config
         try:
-            self.source = EntropySource(config.filename)
+            self.source = EntropySource(config.filename, health=config.health_tests)
         except SourceError as exc:
             raise ConfigError(str(exc)) from exc
         self.listeners: list[Listener] = []
@@ -179,6 +179,7 @@ class Daemon:
         #: when we stop; a no-op without $NOTIFY_SOCKET.
         self.notifier = Notifier.from_environment()
         self.guests = 0
+        self.source.on_health_change = self._health_changed
         try:
             if config.listen_fds:
                 self.listeners = adopt_listeners(config)
@@ -221,7 +222,7 @@ class Daemon:
             root.start_soon(self.source.run)
             if self.connected is not None:
                 task_status.started([])
-                self.notifier.notify("READY=1\nSTATUS=serving the connected socket")
+                self.notifier.notify(f"READY=1\nSTATUS={self._status()}")
                 name = f"fd{config.connected_fd}"
                 peer = peer_of(self.connected)
                 log.info("%s: serving the connected socket (%s)", name, describe(peer))
@@ -246,10 +247,11 @@ class Daemon:
                 )
                 root.start_soon(server.run)
             log.info(
-                "listening on %s%s (source %s, %s)",
+                "listening on %s%s (source %s, health tests %s, %s)",
                 ", ".join(self.paths),
                 " (inherited from systemd)" if config.listen_fds else "",
                 config.filename,
+                "off" if self.source.monitor is None else "on",
                 "unlimited"
                 if config.max_bytes is None
                 else f"{config.max_bytes} bytes per {config.period_ms} ms, {config.share} share",
@@ -258,7 +260,16 @@ class Daemon:
             self.notifier.notify(f"READY=1\nSTATUS={self._status()}")
 
     def _status(self) -> str:
-        return f"{self.guests} of {len(self.listeners)} guests connected"
+        if self.connected is not None:
+            status = "serving the connected socket"
+        else:
+            status = f"{self.guests} of {len(self.listeners)} guests connected"
+        if self.source.failed():
+            status += "; entropy source FAILED its health tests, serving nothing"
+        return status
+
+    def _health_changed(self) -> None:
+        self.notifier.notify(f"STATUS={self._status()}")
 
     def _guest_count(self, change: int) -> None:
         self.guests += change
@@ -268,6 +279,7 @@ class Daemon:
         """Log every connection's counters, one line each (SIGUSR1)."""
         connections = sorted(self.connections, key=lambda c: c.name)
         log.info("statistics: %d VMM(s) connected", len(connections))
+        log.info("source %s: %s", self.config.filename, self.source.health_summary())
         for connection in connections:
             log.info("%sserving: %s", connection.prefix, connection.summary())
 

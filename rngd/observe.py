@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 import trio
@@ -93,13 +94,24 @@ class RingCounters:
 
 class ConnectionCounters(RingCounters):
     """A connection's counters: its stopped rings' added up, its own (malformed messages), and
-    its running rings' read live (`total`). Only trio code touches it."""
+    its running rings' read live (`total`). Only trio code touches it.
 
-    __slots__ = ("running",)
+    `health_failures` are the source's (shared by every guest): how many of its windows failed
+    a health test since the connection began, read from `source_failures`.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_failures_before", "running", "source_failures")
+
+    def __init__(self, source_failures: Callable[[], int] | None = None) -> None:
         super().__init__()
         self.running: set[RingCounters] = set()
+        self.source_failures = source_failures
+        self._failures_before = 0 if source_failures is None else source_failures()
+
+    def health_failures(self) -> int:
+        if self.source_failures is None:
+            return 0
+        return self.source_failures() - self._failures_before
 
     def ring_started(self, ring: RingCounters) -> None:
         self.running.add(ring)

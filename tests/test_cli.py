@@ -60,6 +60,7 @@ def test_help_lists_every_option() -> None:
         "--share",
         "--socket-mode",
         "--allow-uid",
+        "--health-tests",
     ):
         assert option in result.stdout
     assert run("-h").stdout == result.stdout
@@ -80,6 +81,7 @@ def test_version() -> None:
         (["-m", "0"], "--max-bytes"),
         (["-f", "/nonexistent/source"], "/nonexistent/source"),
         (["--share", "greedy"], "share"),
+        (["--health-tests", "maybe"], "health-tests"),
     ],
 )
 def test_bad_input_exits_1_with_one_line_and_no_socket(

@@ -26,6 +26,7 @@ import trio
 import rngd
 from rngd.config import DaemonConfig
 from rngd.daemon import Daemon, SocketServer
+from rngd.health import HealthMode
 from rngd.testing import (
     DaemonProcess,
     Frontend,
@@ -231,7 +232,10 @@ async def test_regular_file_at_eof_waits_then_serves_appended_data(workdir: str)
         f.write(head)
     async with (
         daemon_in_process(
-            os.path.join(workdir, "rng.sock"), filename=path, socket_count=2
+            os.path.join(workdir, "rng.sock"),
+            filename=path,
+            socket_count=2,
+            health_tests=HealthMode.OFF,  # 192 bytes: less than the start-up test takes
         ) as paths,
         await Frontend.connect(paths[0]) as vmm,
     ):
@@ -258,7 +262,10 @@ async def test_fifo_without_writer(workdir: str) -> None:
     os.mkfifo(fifo)
     async with (
         daemon_in_process(
-            os.path.join(workdir, "rng.sock"), filename=fifo, socket_count=2
+            os.path.join(workdir, "rng.sock"),
+            filename=fifo,
+            socket_count=2,
+            health_tests=HealthMode.OFF,  # 64 bytes: less than the start-up test takes
         ) as paths,
         await Frontend.connect(paths[0]) as vmm,
     ):
@@ -295,7 +302,10 @@ async def test_slow_source_parks_only_the_reader(workdir: str) -> None:
             await trio.sleep(0.02)
 
     async with daemon_in_process(
-        os.path.join(workdir, "rng.sock"), filename=fifo, socket_count=2
+        os.path.join(workdir, "rng.sock"),
+        filename=fifo,
+        socket_count=2,
+        health_tests=HealthMode.OFF,  # a trickle of 16 bytes: served as it comes
     ) as paths:
         writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         try:
@@ -324,7 +334,11 @@ async def test_slow_character_device_is_read_in_a_thread(workdir: str) -> None:
         device = os.ttyname(slave)
         async with (
             daemon_process(
-                os.path.join(workdir, "rng.sock"), filename=device, socket_count=2
+                os.path.join(workdir, "rng.sock"),
+                filename=device,
+                socket_count=2,
+                # 64 bytes fed by hand: less than the start-up test takes.
+                extra_args=["--health-tests", "off"],
             ) as daemon,
             await Frontend.connect(daemon.socket_paths[0]) as vmm,
         ):
@@ -690,7 +704,11 @@ async def test_accept_errors_never_end_the_socket(
     unknown one is logged once and retried until accept() works. Either way the socket then
     serves the next VMM."""
     caplog.set_level(logging.DEBUG, logger="rngd")
-    daemon = Daemon(DaemonConfig(os.path.join(workdir, "rng.sock"), filename=source[0]))
+    # No pump task runs here: the source is read by the ring directly (untested).
+    config = DaemonConfig(
+        os.path.join(workdir, "rng.sock"), filename=source[0], health_tests=HealthMode.OFF
+    )
+    daemon = Daemon(config)
     try:
         listener = daemon.listeners[0]
         real = functools.partial(_accept, trio.socket.from_stdlib_socket(listener.sock))

@@ -20,9 +20,12 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -424,3 +427,76 @@ def test_compare_rngd_with_builtin(
     for log in (workdir / "logs").glob("*-rngd.log"):
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     print(out)
+
+
+def _wait_for_log(rngd: Rngd, text: str, *, timeout: float = BOOT_TIMEOUT) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (log := rngd.log()):
+        assert rngd.proc.poll() is None, f"rngd exited:\n{log[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} in rngd's log:\n{log[-3000:]}"
+        time.sleep(0.05)
+    return log
+
+
+def test_failing_source_serves_the_guest_nothing(
+    start_rngd: StartRngd, boot: Boot, workdir: Path
+) -> None:
+    """A source stuck at one value (a FIFO fed zeros by a thread of the test) fails its
+    start-up test: the guest's read of /dev/hwrng waits, and rngd's SIGUSR1 dump shows its
+    connection served nothing while the guest reads. Good bytes then come: the source passes
+    its start-up test again, the guest's read completes, and what it got (dumped to a disk)
+    holds no stuck run and is the good stream's bytes, in order."""
+    fifo = workdir / "fifo"
+    os.mkfifo(fifo)
+    rngd = start_rngd(filename=str(fifo))
+    good = bytearray()
+    stuck = threading.Event()
+    stuck.set()
+    done = threading.Event()
+
+    def feed() -> None:
+        fd = os.open(fifo, os.O_WRONLY)
+        try:
+            while not done.is_set():
+                if stuck.is_set():
+                    chunk = bytes(4096)
+                else:
+                    chunk = os.urandom(4096)
+                    good.extend(chunk)
+                view = memoryview(chunk)
+                while view and not done.is_set():
+                    ready = select.select([], [fd], [], 0.1)[1]
+                    if ready:
+                        view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        _wait_for_log(rngd, "declared failed")
+        nbytes = 64 * 1024
+        dump = workdir / "dump.img"
+        dump.write_bytes(bytes(2 * nbytes))
+        vm = boot(rngd.sockets, bytes_to_read=nbytes, drives=[str(dump)], dump="/dev/vda")
+        line = vm.expect(lambda line: "RNGTEST-START" in line, timeout=BOOT_TIMEOUT)
+        assert line is not None, vm.output[-3000:]
+        # The guest reads (its driver's request waits in the ring) and has got nothing.
+        rngd.proc.send_signal(signal.SIGUSR1)
+        log = _wait_for_log(rngd, "rng.sock0: serving:", timeout=10)
+        (serving,) = [x for x in log.splitlines() if "rng.sock0: serving:" in x]
+        assert " requests=0 bytes=0 " in serving, serving
+        assert "RNGTEST " not in vm.output
+        stuck.clear()
+        report = _report(vm)
+        _powered_off(vm)
+    finally:
+        done.set()
+        feeder.join(timeout=10)
+    got = dump.read_bytes()[: report.nbytes]
+    assert report.nbytes == nbytes
+    assert hashlib.sha256(got).hexdigest() == report.sha256
+    assert bytes(19) not in got  # no run of the RCT's cutoff
+    match_stream(bytes(good), got)
+    log = rngd.log()
+    assert "failed its start-up test" in log and "passed its start-up test again" in log, log

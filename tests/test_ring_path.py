@@ -12,6 +12,7 @@ import threading
 
 import trio
 
+from rngd.health import HealthMode
 from rngd.testing import Frontend, Used, daemon_in_process, daemon_process
 from rngd.testing.driver import DESC_F_NEXT, DESC_F_WRITE
 
@@ -106,7 +107,11 @@ async def test_short_read_completes_what_it_filled_and_the_rest_waits(workdir: s
     try:
         fed = os.urandom(100 + 128)
         async with (
-            daemon_in_process(os.path.join(workdir, "rng.sock"), filename=fifo) as paths,
+            daemon_in_process(
+                os.path.join(workdir, "rng.sock"),
+                filename=fifo,
+                health_tests=HealthMode.OFF,  # 100 bytes: less than the start-up test takes
+            ) as paths,
             await Frontend.connect(paths[0]) as vmm,
         ):
             queue = await vmm.start_qemu72(4)
