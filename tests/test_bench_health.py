@@ -26,7 +26,7 @@ def test_quick_run_reports_both_rates(tmp_path: Path) -> None:
             "--dir",
             str(tmp_path),
             "--seconds",
-            "0.1",
+            "0.02",
             "--rounds",
             "1",
             "--json",
