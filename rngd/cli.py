@@ -163,8 +163,15 @@ def run(
         ),
     ] = False,
 ) -> None:
-    from rngd.daemon import Daemon, block_stop_signals
-    from rngd.daemon import run as run_daemon
+    try:
+        from rngd.daemon import Daemon, block_stop_signals
+        from rngd.daemon import run as run_daemon
+    except ImportError as exc:
+        # A host the ring path is not argued for (byte order, memory model): one line.
+        if not str(exc).startswith("rngd's virtqueue"):
+            raise
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
     from rngd.systemd import inherited_sockets
 
     logging.basicConfig(

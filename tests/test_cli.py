@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +189,24 @@ def test_socket_mode_option(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=5)
+
+
+def test_a_host_without_an_argued_fence_is_refused_with_one_line() -> None:
+    """The ring path's fence is argued for x86-64 and arm64 only: elsewhere the daemon exits
+    1 with one line before it creates a socket."""
+    code = (
+        "import platform, sys\n"
+        "platform.machine = lambda: 'riscv64'\n"
+        "from rngd.cli import main\n"
+        "sys.exit(main(['--socket-path', sys.argv[1]]))\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rng.sock")
+        run = subprocess.run(
+            [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 1
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1, run.stderr
+        assert "riscv64" in lines[0] and "fence" in lines[0]
+        assert not os.path.exists(path + "0")
