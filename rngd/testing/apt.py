@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 #: Debian's archive keyring (package debian-archive-keyring), which signs every Debian suite.
@@ -134,6 +134,10 @@ class Apt:
             f"Dir::State::Lists={s / 'lists'}",
             f"Dir::State::status={s / 'status'}",
             f"Dir::Cache={s / 'cache'}",
+            # Kept even where the host's apt keeps none (Docker images), or each call would
+            # parse the whole index again (seconds).
+            f"Dir::Cache::pkgcache={s / 'cache' / 'pkgcache.bin'}",
+            f"Dir::Cache::srcpkgcache={s / 'cache' / 'srcpkgcache.bin'}",
             # As root, apt would download as _apt, which cannot write into this cache.
             "APT::Sandbox::User=root",
         ]
@@ -191,24 +195,34 @@ class Apt:
                 raise
             print(f"apt ({self.arch}): keeping the old index: {exc}", file=sys.stderr)
 
-    def fields(self, package: str) -> dict[str, str]:
-        """The candidate version's control fields of a package."""
-        text = _run(["apt-cache", *self.options, "show", "--no-all-versions", package])
+    def show(self, packages: Iterable[str]) -> dict[str, dict[str, str]]:
+        """{package: its candidate version's control fields}, in one apt-cache call."""
+        names = list(dict.fromkeys(packages))
+        if not names:
+            return {}
+        text = _run(["apt-cache", *self.options, "show", "--no-all-versions", *names])
+        found: dict[str, dict[str, str]] = {}
         fields: dict[str, str] = {}
         key = ""
-        for line in text.splitlines():
+        for line in [*text.splitlines(), ""]:
             if not line:
-                if fields:
-                    break
+                if "Package" in fields and "Version" in fields:
+                    found.setdefault(fields["Package"], fields)
+                fields = {}
                 continue
             if line[0].isspace() and key:
                 fields[key] += "\n" + line.strip()
                 continue
             key, _, value = line.partition(":")
             fields[key] = value.strip()
-        if "Version" not in fields:
-            raise AptError(f"apt-cache knows no candidate for {package} ({self.arch})")
-        return fields
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise AptError(f"apt-cache knows no candidate for {', '.join(missing)} ({self.arch})")
+        return found
+
+    def fields(self, package: str) -> dict[str, str]:
+        """The candidate version's control fields of a package."""
+        return self.show([package])[package]
 
     def version(self, package: str) -> str:
         return self.fields(package)["Version"]
@@ -217,41 +231,52 @@ class Apt:
         """{package: version} of `packages` and all they need (Depends and Pre-Depends),
         taking the first choice of each alternative, as apt itself would."""
         found: dict[str, str] = {}
-        todo = list(packages)
+        todo = set(packages)
         while todo:
-            name = todo.pop()
-            if name in found:
-                continue
-            fields = self.fields(name)
-            found[name] = fields["Version"]
-            for key in ("Pre-Depends", "Depends"):
-                for group in filter(None, (g.strip() for g in fields.get(key, "").split(","))):
-                    first = group.split("|")[0].strip()
-                    todo.append(re.split(r"[\s(:]", first, maxsplit=1)[0])
+            shown = self.show(sorted(todo))
+            todo = set()
+            for name, fields in shown.items():
+                found[name] = fields["Version"]
+                for key in ("Pre-Depends", "Depends"):
+                    for group in filter(None, (g.strip() for g in fields.get(key, "").split(","))):
+                        first = group.split("|")[0].strip()
+                        todo.add(re.split(r"[\s(:]", first, maxsplit=1)[0])
+            todo -= found.keys()
         return found
 
     def download(self, package: str, version: str, debs: Path) -> Path:
         """`apt-get download package=version` into `debs` (reused if already there)."""
+        return self.download_all({package: version}, debs)[0]
+
+    def download_all(self, packages: Mapping[str, str], debs: Path) -> list[Path]:
+        """`apt-get download` of each {package: version} into `debs`, those not there yet in
+        one call; the .deb files, in the order given."""
+
+        def cached(package: str, version: str) -> Path | None:
+            quoted = version.replace(":", "%3a")
+            return next(iter(debs.glob(f"{package}_{quoted}_*.deb")), None)
+
         debs.mkdir(parents=True, exist_ok=True)
-        quoted = version.replace(":", "%3a")
-        for path in debs.glob(f"{package}_{quoted}_*.deb"):
-            return path
-        # The host's apt-get download drops privileges to _apt, which can't write to a
-        # root-owned folder: download into a world-writable temporary folder and move the file.
-        with tempfile.TemporaryDirectory(prefix="rngd-apt-") as tmp:
-            os.chmod(tmp, 0o777)
-            _run(
-                ["apt-get", *self.options, "download", "-q", f"{package}={version}"], cwd=Path(tmp)
-            )
-            found = list(Path(tmp).glob(f"{package}_*.deb"))
-            if not found:
+        wanted = [f"{p}={v}" for p, v in packages.items() if cached(p, v) is None]
+        if wanted:
+            # The host's apt-get download drops privileges to _apt, which can't write to a
+            # root-owned folder: download into a world-writable temporary folder, then move.
+            with tempfile.TemporaryDirectory(prefix="rngd-apt-") as tmp:
+                os.chmod(tmp, 0o777)
+                _run(["apt-get", *self.options, "download", "-q", *wanted], cwd=Path(tmp))
+                for deb in Path(tmp).glob("*.deb"):
+                    shutil.move(str(deb), debs / deb.name)
+        paths = []
+        for package, version in packages.items():
+            path = cached(package, version)
+            if path is None:
                 raise AptError(f"apt-get download {package}={version} produced no .deb")
-            target = debs / found[0].name
-            shutil.move(str(found[0]), target)
-        return target
+            paths.append(path)
+        return paths
 
 
 def unpack(debs: Iterable[Path], root: Path) -> None:
     """`dpkg-deb -x` each package into `root` (no maintainer scripts, no dpkg database)."""
+    root.mkdir(parents=True, exist_ok=True)
     for deb in debs:
         _run(["dpkg-deb", "-x", str(deb), str(root)])

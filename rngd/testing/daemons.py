@@ -76,6 +76,10 @@ class DaemonProcess:
             ) from None
 
 
+#: Environment variable: seconds a `daemon_process` may take to listen (default 10).
+STARTUP_TIMEOUT_ENV = "RNGD_TEST_STARTUP_TIMEOUT"
+
+
 @asynccontextmanager
 async def daemon_process(
     socket_path: str,
@@ -86,7 +90,7 @@ async def daemon_process(
     period_ms: int | None = None,
     log_level: str | None = "debug",
     extra_args: Sequence[str] = (),
-    startup_timeout: float = 10.0,
+    startup_timeout: float | None = None,
     stop_timeout: float = 1.0,
     check_exit: bool = True,
 ) -> AsyncIterator[DaemonProcess]:
@@ -95,7 +99,11 @@ async def daemon_process(
     Entering returns once every socket ``socket_path0..`` accepts connections (each is probed
     with one connect). Leaving sends SIGTERM unless the process has already exited, and with
     ``check_exit`` fails unless it exits with 0 within ``stop_timeout`` seconds.
+    ``startup_timeout`` defaults to `STARTUP_TIMEOUT_ENV` seconds if set, else 10 (a Python
+    under user-mode emulation, see scripts/test-arm64, takes longer to import trio and typer).
     """
+    if startup_timeout is None:
+        startup_timeout = float(os.environ.get(STARTUP_TIMEOUT_ENV, "10"))
     args = [
         sys.executable,
         "-P",
