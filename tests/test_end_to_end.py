@@ -27,9 +27,10 @@ from rngd.testing import (
     daemon_process,
     open_fd_count,
 )
+from rngd.testing.daemons import time_scale
 
 #: Generous bound for one exchange; a hang means a lost kick or call, which must fail.
-STEP_TIMEOUT = 5.0
+STEP_TIMEOUT = 5.0 * time_scale()
 
 
 @pytest.fixture
@@ -441,7 +442,7 @@ async def test_connect_disconnect_cycles_leave_no_fds(
                 await probe.get_features()
                 return daemon.fd_count()
 
-        with trio.fail_after(30):
+        with trio.fail_after(30 * time_scale()):
             before = await settled_fd_count()
             # Each connect comes right after the previous hang-up: none may be refused.
             for cycle in range(200):
@@ -458,7 +459,7 @@ async def test_in_process_cycles_leave_no_fds(sock0: str) -> None:
             await probe.get_features()
             return open_fd_count()
 
-    with trio.fail_after(30):
+    with trio.fail_after(30 * time_scale()):
         before = await settled()
         for cycle in range(60):
             await _cycle(sock0, cycle % 6)

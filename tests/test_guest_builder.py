@@ -1,5 +1,6 @@
 """The pure parts of the QEMU test guest builder: module dependencies, the initramfs, the console
-reports and the byte-stream check the QEMU tests rely on. No QEMU, no downloads."""
+reports, the byte-stream check the QEMU tests rely on, the arm64 guest's command line and the
+private apt index's mirrors. No QEMU, no downloads."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from rngd.testing.apt import DEFAULT_MIRROR, DEFAULT_SECURITY_MIRROR, host_mirrors
 from rngd.testing.guest import (
+    ARCHES,
     GuestBuildError,
+    TestGuest,
     build_initramfs,
     match_stream,
     module_info,
     parse_report,
     resolve_modules,
 )
+from rngd.testing.qemu import qemu_command
 
 
 def fake_module(**modinfo: str) -> bytes:
@@ -146,3 +151,51 @@ def test_match_stream_accepts_the_source_with_buffers_missing() -> None:
 def test_match_stream_refuses_what_a_device_cannot_have_served(got: bytes) -> None:
     with pytest.raises(ValueError):
         match_stream(SOURCE, got)
+
+
+def test_arm64_guest_console_and_command_line() -> None:
+    """The arm64 guest talks on the PL011 (ttyAMA0) of `-M virt`, its RAM is the form of
+    vhost-device-rng's README (memory-backend-file on /dev/shm, share=on, `-numa node`), and
+    it cannot count boots (no CMOS)."""
+    guest = TestGuest(Path("k"), Path("i"), "6.1.0-1-arm64", {}, "arm64")
+    assert guest.append(bytes_to_read=5).split()[:3] == [
+        "console=ttyAMA0",
+        "quiet",
+        "rngtest.bytes=5",
+    ]
+    with pytest.raises(ValueError, match="CMOS"):
+        guest.append(boots=2)
+    cmd = qemu_command("qemu-system-aarch64", accel="tcg", sockets=[Path("/s0")], arch="arm64")
+    line = " ".join(cmd)
+    assert "-cpu cortex-a57 -machine virt" in line
+    assert (
+        "memory-backend-file,id=mem,size=256M,mem-path=/dev/shm,share=on -numa node,memdev=mem"
+        in line
+    )
+    assert "-chardev socket,id=rng0,path=/s0 -device vhost-user-rng-pci,chardev=rng0" in line
+    assert "memfd" not in line
+    amd64 = " ".join(qemu_command("q", accel="tcg", arch="amd64"))
+    assert "memory-backend-memfd,id=mem,size=256M,share=on -machine pc,memory-backend=mem" in amd64
+    assert set(ARCHES) == {"amd64", "arm64"}
+
+
+def test_private_apt_index_uses_the_hosts_mirrors() -> None:
+    deb822 = """Types: deb
+# URIs: http://old.example/debian
+URIs: http://mirror.example/debian/
+Suites: bookworm bookworm-updates
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+"""
+    assert host_mirrors(deb822) == (
+        "http://mirror.example/debian",
+        "http://mirror.example/debian-security",
+    )
+    one_line = "deb [arch=amd64] https://m.example/pub/debian bookworm main\n"
+    assert host_mirrors(one_line) == ("https://m.example/pub/debian", DEFAULT_SECURITY_MIRROR)
+    assert host_mirrors("deb https://packages.example/apt stable main\n") == (
+        DEFAULT_MIRROR,
+        DEFAULT_SECURITY_MIRROR,
+    )

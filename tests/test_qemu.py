@@ -9,6 +9,10 @@ beside it by scripts/fetch-qemu-backports, runs the tests marked `both_qemus` (i
 and `[backports]`). QEMU 10 differs on the wire: it waits for a reply to SET_VRING_ENABLE
 (REPLY_ACK), and it would send GET_STATUS right after SET_FEATURES if rngd offered STATUS.
 
+The arm64 tests boot the same guest built for arm64 (Debian's arm64 kernel and busybox) under
+the system's qemu-system-aarch64 (`-M virt -cpu cortex-a57`, TCG), its RAM a memory-backend-file
+on /dev/shm, exactly as vhost-device-rng's README shows.
+
 Without QEMU these tests skip, except under CI (CI=true), where they fail: CI must run them.
 The same goes for the backports' QEMU: found through $RNGD_QEMU_BACKPORTS (scripts/test sets
 it) or in this checkout's .cache/qemu-backports.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import select
@@ -165,40 +170,68 @@ def start_rngd(workdir: Path) -> Iterator[StartRngd]:
         assert "Traceback" not in log, log[-3000:]
 
 
+def _booter(stack: ExitStack, qemu: QemuBuild, guest: TestGuest, accel: str, workdir: Path) -> Boot:
+    """Boots `guest` on the given sockets; every QEMU is stopped when `stack` closes."""
+    count = 0
+
+    def start(
+        sockets: Sequence[Path],
+        *,
+        bytes_to_read: int = READ_BYTES,
+        boots: int = 1,
+        drives: Sequence[str] = (),
+        dump: str | None = None,
+        dimms: int = 0,
+    ) -> QemuGuest:
+        nonlocal count
+        count += 1
+        name = f"{guest.arch}-guest{count}"
+        cmd = qemu_command(
+            qemu.binary,
+            accel=accel,
+            kernel=guest.kernel,
+            initrd=guest.initrd,
+            append=guest.append(bytes_to_read=bytes_to_read, boots=boots, dump=dump),
+            drives=drives,
+            sockets=sockets,
+            name=name,
+            dimms=dimms,
+            arch=guest.arch,
+            extra=qemu.args,
+        )
+        vm = QemuGuest(cmd, name=name, log_path=workdir / f"{name}.log", env=qemu.env)
+        return stack.enter_context(vm)
+
+    return start
+
+
 @pytest.fixture
 def boot(qemu: QemuBuild, guest: TestGuest, accel: str, workdir: Path) -> Iterator[Boot]:
-    """Boots the test guest on the given sockets; every QEMU is stopped at the end."""
+    """Boots the (amd64) test guest on the given sockets; every QEMU is stopped at the end."""
     with ExitStack() as stack:
-        count = 0
+        yield _booter(stack, qemu, guest, accel, workdir)
 
-        def start(
-            sockets: Sequence[Path],
-            *,
-            bytes_to_read: int = READ_BYTES,
-            boots: int = 1,
-            drives: Sequence[str] = (),
-            dump: str | None = None,
-            dimms: int = 0,
-        ) -> QemuGuest:
-            nonlocal count
-            count += 1
-            cmd = qemu_command(
-                qemu.binary,
-                accel=accel,
-                kernel=guest.kernel,
-                initrd=guest.initrd,
-                append=guest.append(bytes_to_read=bytes_to_read, boots=boots, dump=dump),
-                drives=drives,
-                sockets=sockets,
-                name=f"guest{count}",
-                dimms=dimms,
-                extra=qemu.args,
-            )
-            log = workdir / f"guest{count}.log"
-            vm = QemuGuest(cmd, name=f"guest{count}", log_path=log, env=qemu.env)
-            return stack.enter_context(vm)
 
-        yield start
+@pytest.fixture(scope="module")
+def arm64_guest() -> TestGuest:
+    try:
+        return build_test_guest(arch="arm64")
+    except GuestBuildError as exc:
+        pytest.fail(f"cannot build the arm64 test guest: {exc}")
+
+
+@pytest.fixture
+def boot_arm64(arm64_guest: TestGuest, workdir: Path) -> Iterator[Boot]:
+    """Boots the arm64 test guest under the system's qemu-system-aarch64 (TCG on an x86 host,
+    KVM only if the host is arm64 and it works)."""
+    try:
+        build = QemuBuild(find_qemu(arch="arm64"))
+    except QemuError as exc:
+        _unavailable(str(exc))
+    accel = choose_accel(os.environ.get("RNGD_QEMU_ACCEL", "auto"), build.binary, arm64_guest)
+    print(f"arm64: {build.version()}, {accel}")
+    with ExitStack() as stack:
+        yield _booter(stack, build, arm64_guest, accel, workdir)
 
 
 def _report(vm: QemuGuest, *, timeout: float = BOOT_TIMEOUT) -> Report:
@@ -500,3 +533,61 @@ def test_failing_source_serves_the_guest_nothing(
     match_stream(bytes(good), got)
     log = rngd.log()
     assert "failed its start-up test" in log and "passed its start-up test again" in log, log
+
+
+def test_arm64_guest_reads_the_source_file_through_rngd(
+    start_rngd: StartRngd, boot_arm64: Boot, workdir: Path
+) -> None:
+    """An arm64 guest (`-M virt`, vhost-device-rng's README example) reads /dev/hwrng through
+    rngd: the bytes it read are the source file's, in order (gaps allowed, see
+    test_guest_gets_the_source_file_in_order)."""
+    source = os.urandom(4 * READ_BYTES)
+    (workdir / "source.bin").write_bytes(source)
+    dump = workdir / "dump.img"
+    dump.write_bytes(bytes(2 * READ_BYTES))
+    rngd = start_rngd(filename=str(workdir / "source.bin"))
+
+    started = time.monotonic()
+    vm = boot_arm64(rngd.sockets, drives=[str(dump)], dump="/dev/vda")
+    report = _report(vm)
+    booted = time.monotonic() - started
+    _powered_off(vm)
+
+    assert "-numa node,memdev=mem" in " ".join(vm.cmd)  # the README's RAM, not a memfd
+    assert report.nbytes == READ_BYTES
+    got = dump.read_bytes()[: report.nbytes]
+    assert hashlib.sha256(got).hexdigest() == report.sha256
+    offset, skipped = match_stream(source, got)
+    assert offset < 4096, offset
+    assert skipped <= 16 * 64, skipped
+    print(
+        f"arm64: boot to report {booted:.1f} s; read {report.nbytes} B in "
+        f"{report.seconds:.3f} s; file offset {offset}, {skipped} B skipped"
+    )
+
+
+def test_arm64_guest_with_the_readme_rate_limit(start_rngd: StartRngd, boot_arm64: Boot) -> None:
+    """vhost-device-rng's README example limit, `-m 512 -p 1000`: an arm64 guest reads a few
+    periods' worth. rngd charges every byte to the 1 s window it is granted in and never more
+    than 512 B to one, so `s` seconds meet at most ceil(s) + 1 windows. The guest's read of
+    2048 bytes (less the one 64-byte buffer the driver may hold from before) therefore takes
+    more than 2 s however fast or slow the machine (asserted with room for the guest's clock),
+    and all rngd served the connection (the kernel's fill thread takes its share too) fits its
+    uptime's windows."""
+    rngd = start_rngd(max_bytes=512, period=1000)
+    nbytes = 4 * 512
+
+    vm = boot_arm64(rngd.sockets, bytes_to_read=nbytes)
+    report = _report(vm, timeout=BOOT_TIMEOUT + 4 * nbytes / 512)
+    _powered_off(vm)
+
+    assert report.nbytes == nbytes
+    assert report.seconds > 1.5, report
+    gone = re.search(r"VMM disconnected .* uptime=([\d.]+)s .* bytes=(\d+) ", rngd.log())
+    assert gone is not None, rngd.log()[-3000:]
+    uptime, served = float(gone.group(1)), int(gone.group(2))
+    assert nbytes <= served <= 512 * (math.ceil(uptime + 0.1) + 1), (served, uptime)
+    print(
+        f"arm64: guest read {nbytes} B in {report.seconds:.2f} s; rngd served {served} B "
+        f"in {uptime:.1f} s connected"
+    )

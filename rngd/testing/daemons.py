@@ -76,6 +76,17 @@ class DaemonProcess:
             ) from None
 
 
+#: Environment variable: a factor (at least 1) for the tests' hang guards, a daemon's start-up
+#: and the deadlines that catch a hang: a Python under user-mode emulation (scripts/test-arm64)
+#: is several times slower. It never makes a test accept more than it does without.
+TIME_SCALE_ENV = "RNGD_TEST_TIME_SCALE"
+
+
+def time_scale() -> float:
+    """`TIME_SCALE_ENV`'s factor, 1 if unset."""
+    return max(1.0, float(os.environ.get(TIME_SCALE_ENV) or "1"))
+
+
 @asynccontextmanager
 async def daemon_process(
     socket_path: str,
@@ -86,7 +97,7 @@ async def daemon_process(
     period_ms: int | None = None,
     log_level: str | None = "debug",
     extra_args: Sequence[str] = (),
-    startup_timeout: float = 10.0,
+    startup_timeout: float | None = None,
     stop_timeout: float = 1.0,
     check_exit: bool = True,
 ) -> AsyncIterator[DaemonProcess]:
@@ -95,7 +106,10 @@ async def daemon_process(
     Entering returns once every socket ``socket_path0..`` accepts connections (each is probed
     with one connect). Leaving sends SIGTERM unless the process has already exited, and with
     ``check_exit`` fails unless it exits with 0 within ``stop_timeout`` seconds.
+    ``startup_timeout`` defaults to 10 s times `time_scale()`.
     """
+    if startup_timeout is None:
+        startup_timeout = 10.0 * time_scale()
     args = [
         sys.executable,
         "-P",

@@ -5,6 +5,10 @@ installed on the host) and an initramfs holding `busybox-static`, the virtio mod
 `/init` script. Its whole job is to read `/dev/hwrng` and report on the serial console, so the
 host can check what a vhost-user RNG backend delivered to an unmodified guest driver.
 
+The same guest is built for arm64 (`arch="arm64"`: `linux-image-*-arm64` and arm64
+`busybox-static`, from a private arm64 apt index on an amd64 host, see rngd/testing/apt.py), for
+QEMU's `-M virt` machine; `ARCHES` says what differs.
+
 The result is cached under a folder keyed by a hash of everything that goes into it (package
 versions, the init script, the module list, the builder version), so a build happens once per
 kernel update or init change. Without a package index (no `apt-get update`, no network) the newest
@@ -18,7 +22,8 @@ What `/init` understands on the kernel command line:
     boot N times in one QEMU run (default 1): after its report the guest reboots with
     `reboot -f` until it has booted N times, then powers off. An initramfs keeps nothing across a
     reboot, so the count lives in a byte of the emulated CMOS RTC memory, which QEMU keeps across
-    a system reset (and starts at zero in every new QEMU process).
+    a system reset (and starts at zero in every new QEMU process). amd64 only (`-M virt` has no
+    CMOS).
 `rngtest.dump=/dev/vda`
     also write the bytes read to this block device (a raw `-drive` on the host), so that the host
     can compare them byte for byte.
@@ -68,11 +73,65 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from rngd.testing.apt import Apt, AptError, cache_root
+
 #: Bump when the builder's output changes for the same inputs (forces a rebuild of every cache).
 BUILDER_VERSION = "1"
 
-KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestArch:
+    """What differs between the test guests of two architectures."""
+
+    #: Debian's name of the architecture; the kernel meta package is `linux-image-<debian>`.
+    debian: str
+    #: QEMU's system emulator for it, and the Debian package that has it.
+    qemu_binary: str
+    qemu_package: str
+    #: QEMU's machine type, and the CPU model under TCG (None: the machine's default).
+    machine: str
+    tcg_cpu: str | None
+    #: The kernel's name of that machine's first serial port.
+    console: str
+    #: Guest RAM: "memfd" (`memory-backend-memfd` as the machine's memory backend) or
+    #: "shm-file" (`memory-backend-file` on /dev/shm and `-numa node,memdev=`, the form of
+    #: vhost-device-rng's README). vhost-user needs it shared (`share=on`) either way.
+    ram: str
+    #: Whether the boot counter of `rngtest.boots` (CMOS memory, through /dev/port) exists.
+    has_cmos: bool
+
+    @property
+    def kernel_meta_package(self) -> str:
+        return f"linux-image-{self.debian}"
+
+
+ARCHES = {
+    "amd64": GuestArch(
+        "amd64", "qemu-system-x86_64", "qemu-system-x86", "pc", None, "ttyS0", "memfd", True
+    ),
+    # vhost-device-rng's README example: `qemu-system -M virt`, an Arm machine. It boots a
+    # kernel directly with -kernel/-initrd, no firmware needed.
+    "arm64": GuestArch(
+        "arm64",
+        "qemu-system-aarch64",
+        "qemu-system-arm",
+        "virt",
+        "cortex-a57",
+        "ttyAMA0",
+        "shm-file",
+        False,
+    ),
+}
+
+
+def guest_arch(name: str) -> GuestArch:
+    try:
+        return ARCHES[name]
+    except KeyError:
+        raise GuestBuildError(f"no test guest for {name!r} (only {', '.join(ARCHES)})") from None
+
 
 #: Modules the guest loads (with their dependencies): the PCI transport, the RNG driver and the
 #: block driver for `rngtest.dump`. Any of them built into the kernel is skipped.
@@ -80,10 +139,11 @@ GUEST_MODULES = ("virtio_pci", "virtio_rng", "virtio_blk")
 
 DEFAULT_BYTES = 256 * 1024
 
-#: Kernel command line for the test guest. Nothing here stops the hwrng core's fill thread: on
-#: 6.1 neither `rng_core.default_quality=0` nor writing 0 to `rng_quality` does (virtio-rng
-#: keeps quality 1000, and the thread runs whatever the quality), so tests allow for it instead.
-BASE_APPEND = "console=ttyS0 quiet"
+#: Kernel command line for the test guest, after `console=`. Nothing here stops the hwrng core's
+#: fill thread: on 6.1 neither `rng_core.default_quality=0` nor writing 0 to `rng_quality` does
+#: (virtio-rng keeps quality 1000, and the thread runs whatever the quality), so tests allow for
+#: it instead.
+BASE_APPEND = "quiet"
 
 INIT_SCRIPT = r"""#!/bin/sh
 # rngd test guest init: reads /dev/hwrng and reports on the console (see rngd/testing/guest.py).
@@ -225,6 +285,8 @@ class TestGuest:
     #: Kernel version the initramfs modules belong to, e.g. "6.1.0-56-amd64".
     kernel_release: str
     packages: Mapping[str, str]
+    #: Debian's name of its architecture (a key of ARCHES).
+    arch: str = "amd64"
 
     def append(
         self,
@@ -238,8 +300,11 @@ class TestGuest:
         extra: str = "",
     ) -> str:
         """The kernel command line for one run of the guest's `/init`."""
-        parts = [BASE_APPEND, f"rngtest.bytes={bytes_to_read}"]
+        arch = ARCHES[self.arch]
+        parts = [f"console={arch.console}", BASE_APPEND, f"rngtest.bytes={bytes_to_read}"]
         if boots != 1:
+            if not arch.has_cmos:
+                raise ValueError(f"rngtest.boots needs CMOS memory, which {arch.machine} lacks")
             parts.append(f"rngtest.boots={boots}")
         if dump:
             parts.append(f"rngtest.dump={dump}")
@@ -354,15 +419,12 @@ def match_stream(
 
 
 def default_cache_dir() -> Path:
-    """`.cache/test-guest` in a source checkout, else under `$XDG_CACHE_HOME` (or ~/.cache)."""
+    """`.cache/test-guest` in a source checkout, else under `$XDG_CACHE_HOME` (or ~/.cache);
+    each architecture's builds are in a folder of its own in there."""
     env = os.environ.get("RNGD_TEST_GUEST_CACHE")
     if env:
         return Path(env)
-    root = Path(__file__).resolve().parents[2]
-    if (root / "pyproject.toml").is_file() and (root / "rngd").is_dir():
-        return root / ".cache" / "test-guest"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "rngd" / "test-guest"
+    return cache_root() / "test-guest"
 
 
 def _run(cmd: Sequence[str], *, cwd: Path | None = None) -> str:
@@ -377,61 +439,30 @@ def _run(cmd: Sequence[str], *, cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def _apt_fields(package: str) -> dict[str, str]:
-    """The candidate version's control fields of a package, from the local apt index."""
-    text = _run(["apt-cache", "show", "--no-all-versions", package])
-    fields: dict[str, str] = {}
-    key = ""
-    for line in text.splitlines():
-        if not line:
-            if fields:
-                break
-            continue
-        if line[0].isspace() and key:
-            fields[key] += "\n" + line.strip()
-            continue
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    if "Version" not in fields:
-        raise GuestBuildError(f"apt-cache knows no candidate for {package}")
-    return fields
-
-
-def resolve_packages(kernel_package: str | None = None) -> dict[str, str]:
+def resolve_packages(
+    kernel_package: str | None = None, *, arch: str = "amd64", apt: Apt | None = None
+) -> dict[str, str]:
     """{package: version} for the kernel image and busybox, as apt would install them now.
 
-    `linux-image-amd64` is a meta package: its Depends names the versioned image package.
+    `linux-image-<arch>` is a meta package: its Depends names the versioned image package.
+    `apt`: where to look (default: `Apt.for_arch(arch)`, the host's apt for the host's own
+    architecture).
     """
-    if kernel_package is None:
-        depends = _apt_fields(KERNEL_META_PACKAGE).get("Depends", "")
-        names = re.findall(r"(linux-image-[0-9][^\s,(|]*-amd64)", depends)
-        if not names:
-            raise GuestBuildError(
-                f"cannot find the kernel image in {KERNEL_META_PACKAGE}: {depends}"
-            )
-        kernel_package = names[0]
-    return {
-        kernel_package: _apt_fields(kernel_package)["Version"],
-        BUSYBOX_PACKAGE: _apt_fields(BUSYBOX_PACKAGE)["Version"],
-    }
-
-
-def _download(package: str, version: str, debs: Path) -> Path:
-    debs.mkdir(parents=True, exist_ok=True)
-    arch_version = version.replace(":", "%3a")
-    for path in debs.glob(f"{package}_{arch_version}_*.deb"):
-        return path
-    # apt-get download drops privileges to _apt, which can't write to a root-owned folder;
-    # download into a world-writable temporary folder and move the file into the cache.
-    with tempfile.TemporaryDirectory(prefix="rngd-apt-") as tmp:
-        os.chmod(tmp, 0o777)
-        _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=Path(tmp))
-        found = list(Path(tmp).glob(f"{package}_*.deb"))
-        if not found:
-            raise GuestBuildError(f"apt-get download {package}={version} produced no .deb")
-        target = debs / found[0].name
-        shutil.move(str(found[0]), target)
-    return target
+    meta = guest_arch(arch).kernel_meta_package
+    try:
+        apt = apt or Apt.for_arch(arch)
+        if kernel_package is None:
+            depends = apt.fields(meta).get("Depends", "")
+            names = re.findall(rf"(linux-image-[0-9][^\s,(|]*-{arch})", depends)
+            if not names:
+                raise GuestBuildError(f"cannot find the kernel image in {meta}: {depends}")
+            kernel_package = names[0]
+        return {
+            kernel_package: apt.version(kernel_package),
+            BUSYBOX_PACKAGE: apt.version(BUSYBOX_PACKAGE),
+        }
+    except AptError as exc:
+        raise GuestBuildError(str(exc)) from exc
 
 
 def _elf_section(data: bytes, wanted: str) -> bytes:
@@ -575,10 +606,11 @@ def build_initramfs(
     return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
 
 
-def _inputs_key(packages: Mapping[str, str], init_script: str) -> str:
+def _inputs_key(packages: Mapping[str, str], init_script: str, arch: str = "amd64") -> str:
     blob = json.dumps(
         {
             "builder": BUILDER_VERSION,
+            "arch": arch,
             "packages": dict(sorted(packages.items())),
             "modules": list(GUEST_MODULES),
             "init": init_script,
@@ -604,7 +636,8 @@ def _load(build_dir: Path) -> TestGuest | None:
     kernel, initrd = build_dir / "vmlinuz", build_dir / "initrd.img"
     if not (kernel.is_file() and initrd.is_file()):
         return None
-    return TestGuest(kernel, initrd, meta["kernel_release"], meta["packages"])
+    arch = meta.get("arch", "amd64")
+    return TestGuest(kernel, initrd, meta["kernel_release"], meta["packages"], arch)
 
 
 def _newest_cached(cache: Path) -> TestGuest | None:
@@ -623,44 +656,51 @@ def _newest_cached(cache: Path) -> TestGuest | None:
 def build_test_guest(
     cache_dir: Path | None = None,
     *,
+    arch: str = "amd64",
     kernel_package: str | None = None,
     force: bool = False,
     log: bool = True,
 ) -> TestGuest:
-    """Build (or reuse) the test guest and return where its kernel and initramfs are."""
-    cache = cache_dir or default_cache_dir()
+    """Build (or reuse) the test guest of an architecture (Debian's name, a key of ARCHES) and
+    return where its kernel and initramfs are. Builds live in `cache_dir/<arch>`."""
+    guest_arch(arch)
+    top = cache_dir or default_cache_dir()
+    cache = top / arch
 
     def say(message: str) -> None:
         if log:
             print(f"build-test-guest: {message}", file=sys.stderr, flush=True)
 
+    def fall_back(exc: GuestBuildError, hint: str) -> TestGuest:
+        # No package index (apt-get update never ran), a stale one (it names versions the
+        # mirror no longer has) or no network: a cached build is better than nothing, as long
+        # as one exists.
+        cached = None if force else _newest_cached(cache)
+        if cached is None:
+            raise GuestBuildError(f"{exc} ({hint})") from exc
+        say(f"{exc}; using the cached build")
+        return cached
+
     with _locked(cache):
+        apt: Apt | None = None
         try:
-            packages = resolve_packages(kernel_package)
-        except GuestBuildError as exc:
-            # No package index (apt-get update never ran, or no network): a cached build is
-            # better than nothing, as long as one exists.
-            cached = None if force else _newest_cached(cache)
-            if cached is None:
-                raise GuestBuildError(f"{exc} (run apt-get update first?)") from exc
-            say(f"cannot resolve packages ({exc}); using the cached build")
-            return cached
-        key = _inputs_key(packages, INIT_SCRIPT)
+            apt = Apt.for_arch(arch)
+            packages = resolve_packages(kernel_package, arch=arch, apt=apt)
+        except (AptError, GuestBuildError) as exc:
+            return fall_back(GuestBuildError(f"cannot resolve packages: {exc}"), "apt-get update?")
+        key = _inputs_key(packages, INIT_SCRIPT, arch)
         build_dir = cache / key
         if not force:
             cached = _load(build_dir)
             if cached is not None:
                 return cached
-        say(f"building {key} from {', '.join(f'{p}={v}' for p, v in packages.items())}")
+        say(f"building {arch} {key} from {', '.join(f'{p}={v}' for p, v in packages.items())}")
         try:
-            debs = {p: _download(p, v, cache / "debs") for p, v in packages.items()}
-        except GuestBuildError as exc:
-            # A stale index names versions the mirror no longer has; no network, none at all.
-            cached = None if force else _newest_cached(cache)
-            if cached is None:
-                raise GuestBuildError(f"{exc} (stale package index? run apt-get update)") from exc
-            say(f"cannot download ({exc}); using the cached build")
-            return cached
+            debs = {p: apt.download(p, v, cache / "debs") for p, v in packages.items()}
+        except AptError as exc:
+            return fall_back(
+                GuestBuildError(f"cannot download: {exc}"), "stale package index? apt-get update"
+            )
         kernel_package = next(p for p in packages if p != BUSYBOX_PACKAGE)
         with tempfile.TemporaryDirectory(prefix="unpack-", dir=cache) as tmp:
             root = Path(tmp)
@@ -686,6 +726,7 @@ def build_test_guest(
                 json.dumps(
                     {
                         "builder": BUILDER_VERSION,
+                        "arch": arch,
                         "kernel_release": release,
                         "packages": packages,
                         "modules": [name for name, _ in modules],
@@ -696,9 +737,13 @@ def build_test_guest(
             )
             shutil.rmtree(build_dir, ignore_errors=True)
             staging.rename(build_dir)
-        # Old builds and packages are dead weight once a newer kernel took over.
+        # Old builds and packages are dead weight once a newer kernel took over; so are the
+        # builds of before there was a folder per architecture.
         for old in cache.iterdir():
             if old.is_dir() and old.name not in (key, "debs") and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+        for old in top.iterdir():
+            if old.name == "debs" or (old / "manifest.json").is_file():
                 shutil.rmtree(old, ignore_errors=True)
         wanted = {deb.name for deb in debs.values()}
         for deb in (cache / "debs").glob("*.deb"):
@@ -717,6 +762,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--cache-dir", type=Path, help="default: .cache/test-guest in the checkout")
     parser.add_argument(
+        "--arch", choices=sorted(ARCHES), default="amd64", help="the guest's (default amd64)"
+    )
+    parser.add_argument(
         "--kernel-package", help="e.g. linux-image-6.1.0-56-amd64 (default: current)"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -724,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         guest = build_test_guest(
-            args.cache_dir, kernel_package=args.kernel_package, force=args.force
+            args.cache_dir, arch=args.arch, kernel_package=args.kernel_package, force=args.force
         )
     except GuestBuildError as exc:
         print(f"build-test-guest: error: {exc}", file=sys.stderr)
@@ -735,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     "kernel": str(guest.kernel),
                     "initrd": str(guest.initrd),
+                    "arch": guest.arch,
                     "kernel_release": guest.kernel_release,
                     "packages": dict(guest.packages),
                     "append": guest.append(),

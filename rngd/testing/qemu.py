@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import queue
 import shlex
 import shutil
@@ -37,15 +38,17 @@ from types import FrameType
 from typing import IO
 
 from rngd.testing.guest import (
+    ARCHES,
     GuestBuildError,
     Report,
     TestGuest,
     build_test_guest,
     default_cache_dir,
+    guest_arch,
     parse_report,
 )
 
-QEMU_BINARY = "qemu-system-x86_64"
+QEMU_BINARY = ARCHES["amd64"].qemu_binary
 QEMU_INSTALL_HINT = "install it with `apt-get install qemu-system-x86` (Debian, Ubuntu)"
 DEFAULT_MEMORY = "256M"
 
@@ -58,13 +61,23 @@ class QemuError(Exception):
     """QEMU is missing, failed to start, or a guest did not do what was expected."""
 
 
-def find_qemu(binary: str | None = None) -> str:
-    """The path of the QEMU system emulator, or QemuError with how to install it."""
-    name = binary or os.environ.get("RNGD_QEMU") or QEMU_BINARY
+def find_qemu(binary: str | None = None, *, arch: str = "amd64") -> str:
+    """The path of the QEMU system emulator for guests of `arch` (`$RNGD_QEMU` for amd64), or
+    QemuError with how to install it."""
+    spec = guest_arch(arch)
+    env = os.environ.get("RNGD_QEMU") if arch == "amd64" else None
+    name = binary or env or spec.qemu_binary
     path = shutil.which(name)
     if path is None:
-        raise QemuError(f"{name} not found: {QEMU_INSTALL_HINT}")
+        hint = f"install it with `apt-get install {spec.qemu_package}` (Debian, Ubuntu)"
+        raise QemuError(f"{name} not found: {hint}")
     return path
+
+
+def host_arch() -> str:
+    """Debian's name of the host's architecture (as guests' `arch`), from the kernel's."""
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
 
 
 def qemu_version(qemu: str, env: Mapping[str, str] | None = None) -> str:
@@ -129,29 +142,46 @@ def qemu_command(
     serial: str = "stdio",
     name: str | None = None,
     dimms: int = 0,
+    arch: str = "amd64",
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The QEMU command line for one guest with one vhost-user-rng device per socket.
+    """The QEMU command line for one guest of `arch` with one vhost-user-rng device per socket.
 
-    vhost-user needs the guest's RAM in a file descriptor it can pass to the backend, hence the
-    shared memfd backend. `drives` are raw image files, or full `-drive` option strings when
-    they contain `=`. `builtin_rng` adds QEMU's own virtio-rng-pci device reading that file
-    (`rng-random`), without a rate limit (the same memory backend, so that only the device
-    differs from a vhost-user guest).
+    vhost-user needs the guest's RAM in a file descriptor it can pass to the backend, hence a
+    shared memory backend: a memfd on amd64; on arm64 (`-M virt`) a file on /dev/shm with
+    `-numa node,memdev=`, exactly as vhost-device-rng's README shows. `drives` are raw image
+    files, or full `-drive` option strings when they contain `=`. `builtin_rng` adds QEMU's own
+    virtio-rng-pci device reading that file (`rng-random`), without a rate limit (the same
+    memory backend, so that only the device differs from a vhost-user guest).
     """
     cmd = [qemu, "-nodefaults", "-no-user-config", "-display", "none"]
     if name:
         cmd += ["-name", name]
     ram = f"{memory},slots={max(dimms, 1)},maxmem=4G" if dimms else memory
     cmd += ["-accel", accel, "-m", ram, "-smp", str(smp)]
+    machine = guest_arch(arch)
     if accel == "kvm":
         cmd += ["-cpu", "host"]
-    cmd += [
-        "-object",
-        f"memory-backend-memfd,id=mem,size={memory},share=on",
-        "-machine",
-        "pc,memory-backend=mem",
-    ]
+    elif machine.tcg_cpu is not None:
+        cmd += ["-cpu", machine.tcg_cpu]
+    if machine.ram == "memfd":
+        cmd += [
+            "-object",
+            f"memory-backend-memfd,id=mem,size={memory},share=on",
+            "-machine",
+            f"{machine.machine},memory-backend=mem",
+        ]
+    else:
+        cmd += [
+            "-machine",
+            machine.machine,
+            "-object",
+            f"memory-backend-file,id=mem,size={memory},mem-path=/dev/shm,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ]
+    if dimms and arch != "amd64":
+        raise QemuError("DIMMs are only wired up for amd64 guests")
     for index in range(dimms):
         cmd += [
             "-object",
@@ -229,6 +259,7 @@ def probe_kvm(
         initrd=guest.initrd,
         append=guest.append(bytes_to_read=0, wait=0),
         memory="128M",
+        arch=guest.arch,
         extra=["-no-reboot", *extra],
     )
     reason: str | None
@@ -252,20 +283,25 @@ def choose_accel(
     log: Callable[[str], None] | None = None,
     extra: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    arch: str = "amd64",
 ) -> str:
     """`kvm` or `tcg` for `mode` in auto/kvm/tcg; auto tries KVM by booting the test guest.
 
     A /dev/kvm that opens proves nothing (on a nested host it may run firmware and then spin
     in the guest kernel), so without a test guest to try (given, or built here) auto means TCG.
+    A guest of another architecture than the host's (`arch`, or the given guest's: arm64 on
+    amd64) is TCG without asking.
     """
     if mode in ("kvm", "tcg"):
         return mode
     if mode != "auto":
         raise QemuError(f"unknown accelerator {mode!r} (auto, kvm or tcg)")
+    if (guest.arch if guest is not None else arch) != host_arch():
+        return "tcg"
     reason: str | None
     if guest is None:
         try:
-            guest = build_test_guest(log=False)
+            guest = build_test_guest(arch=arch, log=False)
         except GuestBuildError as exc:
             reason = f"no test guest to try it with: {exc}"
         else:
@@ -561,6 +597,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="use this socket of an already running backend (repeat once per guest)",
     )
+    guests.add_argument(
+        "--arch",
+        choices=sorted(ARCHES),
+        default="amd64",
+        help="the guests' architecture (default amd64; arm64 is QEMU's -M virt under TCG)",
+    )
     guests.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     guests.add_argument("--qemu", help=f"QEMU binary (default {QEMU_BINARY} or $RNGD_QEMU)")
     guests.add_argument(
@@ -572,7 +614,9 @@ def _parser() -> argparse.ArgumentParser:
     guests.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM (default 256M)")
     guests.add_argument("--kernel", type=Path, help="boot your own kernel")
     guests.add_argument("--initrd", type=Path, help="... with this initramfs")
-    guests.add_argument("--append", help="kernel command line (own kernel: default console=ttyS0)")
+    guests.add_argument(
+        "--append", help="kernel command line (own kernel: default console=ttyS0, arm64 ttyAMA0)"
+    )
     guests.add_argument("--drive", action="append", default=[], help="raw image or -drive spec")
     guests.add_argument("--qemu-arg", action="append", default=[], help="extra QEMU argument")
     test = parser.add_argument_group("built-in test guest")
@@ -610,11 +654,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shell and args.guests != 1:
         say("error: --shell needs exactly one guest")
         return 2
+    if args.boots != 1 and not ARCHES[args.arch].has_cmos:
+        say(f"error: --boots is for amd64 guests only ({args.arch} has no CMOS to count in)")
+        return 2
+    if args.qemu_root and args.arch != "amd64":
+        say("error: --qemu-root is an unpacked qemu-system-x86: amd64 guests only")
+        return 2
     try:
         build = (
             QemuBuild.unpacked(args.qemu_root)
             if args.qemu_root
-            else QemuBuild(find_qemu(args.qemu))
+            else QemuBuild(find_qemu(args.qemu, arch=args.arch))
         )
     except QemuError as exc:
         say(f"error: {exc}")
@@ -623,12 +673,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     guest: TestGuest | None = None
     if args.kernel is None:
         try:
-            guest = build_test_guest()
+            guest = build_test_guest(arch=args.arch)
         except GuestBuildError as exc:
             say(f"error: cannot build the test guest: {exc}")
             return 1
     qemu = build.binary
-    accel = choose_accel(args.accel, qemu, guest, log=say, extra=build.args, env=build.env)
+    accel = choose_accel(
+        args.accel, qemu, guest, log=say, extra=build.args, env=build.env, arch=args.arch
+    )
     say(f"{build.version()}, accelerator {accel}")
 
     if args.log_dir is not None:
@@ -675,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         append += " " + args.append
                 else:
                     kernel, initrd = args.kernel, args.initrd
-                    append = args.append if args.append is not None else "console=ttyS0"
+                    console = f"console={ARCHES[args.arch].console}"
+                    append = args.append if args.append is not None else console
                 cmd = qemu_command(
                     qemu,
                     accel=accel,
@@ -686,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     sockets=[sockets[index]],
                     memory=args.memory,
                     name=name,
+                    arch=args.arch,
                     serial="mon:stdio" if args.shell else "stdio",
                     extra=[*build.args, *args.qemu_arg],
                 )
