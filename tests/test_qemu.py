@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -176,6 +177,7 @@ def boot(qemu: QemuBuild, guest: TestGuest, accel: str, workdir: Path) -> Iterat
             drives: Sequence[str] = (),
             dump: str | None = None,
             dimms: int = 0,
+            pause: int = 0,
         ) -> QemuGuest:
             nonlocal count
             count += 1
@@ -184,7 +186,9 @@ def boot(qemu: QemuBuild, guest: TestGuest, accel: str, workdir: Path) -> Iterat
                 accel=accel,
                 kernel=guest.kernel,
                 initrd=guest.initrd,
-                append=guest.append(bytes_to_read=bytes_to_read, boots=boots, dump=dump),
+                append=guest.append(
+                    bytes_to_read=bytes_to_read, boots=boots, dump=dump, pause=pause
+                ),
                 drives=drives,
                 sockets=sockets,
                 name=f"guest{count}",
@@ -293,9 +297,20 @@ def test_rate_limit_is_what_the_guest_sees(start_rngd: StartRngd, boot: Boot) ->
 
 
 def test_two_guests_on_two_sockets_at_once(start_rngd: StartRngd, boot: Boot) -> None:
+    """Both guests read at once, by arrangement rather than boot-time luck: each reads the
+    first half, then waits at a barrier (`rngtest.pause`); only when both have reached it
+    does the host release them, so each guest's read spans the other's pause and both
+    second halves are read with the other guest mid-read."""
     rngd = start_rngd(socket_count=2)
-    nbytes = 4 * READ_BYTES  # long enough that the two reads overlap despite boot-time skew
-    vms = [boot([socket], bytes_to_read=nbytes) for socket in rngd.sockets]
+    nbytes = READ_BYTES
+    vms = [boot([socket], bytes_to_read=nbytes, pause=nbytes // 2) for socket in rngd.sockets]
+    for vm in vms:
+        paused = vm.wait_report("RNGTEST-PAUSE", timeout=BOOT_TIMEOUT)
+        assert paused is not None, f"QEMU exited before the barrier:\n{vm.output[-3000:]}"
+        assert paused.nbytes == nbytes // 2, paused
+    released = time.monotonic()
+    for vm in vms:
+        vm.send("go")
     reports = [_report(vm) for vm in vms]
     for vm in vms:
         _powered_off(vm)
@@ -303,9 +318,9 @@ def test_two_guests_on_two_sockets_at_once(start_rngd: StartRngd, boot: Boot) ->
     assert reports[0].sha256 != reports[1].sha256
     began = [vm.first_time("RNGTEST-START") for vm in vms]
     ended = [vm.first_time("RNGTEST ") for vm in vms]
-    assert max(began) < min(ended), "the two guests did not read at the same time"
+    assert max(began) < released < min(ended), (began, released, ended)
     for vm, r in zip(vms, reports, strict=True):
-        print(f"{vm.name}: {r.nbytes / r.seconds:,.0f} B/s while the other guest read too")
+        print(f"{vm.name}: {r.nbytes} B in {r.seconds:.2f} s, released from the barrier together")
 
 
 @both_qemus
@@ -341,12 +356,26 @@ def test_guest_with_more_than_8_memory_regions(
     assert most > 8, log[-3000:]
 
 
+def _wait_served(rngd: Rngd, nbytes: int, *, timeout: float = BOOT_TIMEOUT) -> None:
+    """Until rngd's SIGUSR1 counters show a connection that has served more than `nbytes`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        os.kill(rngd.proc.pid, signal.SIGUSR1)
+        time.sleep(0.1)  # a poll interval: the loop waits for the counters, not for time
+        served = [int(n) for n in re.findall(r" serving: .* bytes=(\d+) ", rngd.log())]
+        if served and max(served) > nbytes:
+            return
+        assert time.monotonic() < deadline, f"rngd never served {nbytes} B:\n{rngd.log()[-3000:]}"
+
+
 def test_new_qemu_after_sigkill_mid_read(start_rngd: StartRngd, boot: Boot) -> None:
     rngd = start_rngd()
     doomed = boot(rngd.sockets, bytes_to_read=1 << 30)
     line = doomed.expect(lambda line: "RNGTEST-START" in line, timeout=BOOT_TIMEOUT)
     assert line is not None, doomed.output[-3000:]
-    time.sleep(1.0)  # well into the read: requests are in flight
+    # Mid-read by what rngd has served, not by how long we waited: the read has begun (START)
+    # and is far from done, and rngd's own counters (SIGUSR1) show it served 64 KiB of it.
+    _wait_served(rngd, 64 * 1024)
     assert doomed.proc.poll() is None, "the guest finished a 1 GiB read?"
     doomed.kill()
     doomed.wait(timeout=10)
