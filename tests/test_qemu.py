@@ -282,18 +282,24 @@ def test_guest_gets_the_source_file_in_order(
 
 @both_qemus
 def test_rate_limit_is_what_the_guest_sees(start_rngd: StartRngd, boot: Boot) -> None:
-    max_bytes, period_ms = 4096, 100
-    rate = max_bytes * 1000 / period_ms  # 40 KiB/s
+    """The guest reads at the configured rate. The rate is set well below what a guest can
+    read even on a loaded host (64-byte requests, one in flight: 0.6 MB/s alone under TCG, and
+    30-36 KB/s with a CPU hog beside the whole test suite, where 40 KB/s was asked for and
+    missed; at 10 KB/s, 0.93 of it): at 5 KB/s it has 12.5 ms for each request, so the limit,
+    not the guest, sets the pace, as rngd's `parked` counter shows."""
+    max_bytes, period_ms = 512, 100
+    rate = max_bytes * 1000 / period_ms  # 5 KiB/s
     rngd = start_rngd(max_bytes=max_bytes, period=period_ms)
-    nbytes = 160 * 1024  # about 4 s: one period's burst is then under 3 % of the total
+    nbytes = 20 * 1024  # about 4 s: one period's burst is then under 3 % of the total
 
     vm = boot(rngd.sockets, bytes_to_read=nbytes)
     report = _report(vm, timeout=BOOT_TIMEOUT + nbytes / rate)
     _powered_off(vm)
 
     measured = report.nbytes / report.seconds
-    print(f"configured {rate:,.0f} B/s, guest measured {measured:,.0f} B/s")
-    assert abs(measured - rate) <= 0.10 * rate, (measured, rate)
+    parked = re.findall(r"VMM disconnected .* parked=([0-9.]+)s", rngd.log())
+    print(f"configured {rate:,.0f} B/s, guest measured {measured:,.0f} B/s; parked {parked} s")
+    assert abs(measured - rate) <= 0.10 * rate, (measured, rate, f"parked {parked} s")
 
 
 def test_two_guests_on_two_sockets_at_once(start_rngd: StartRngd, boot: Boot) -> None:
