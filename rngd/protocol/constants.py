@@ -123,9 +123,10 @@ RNG_DEVICE_FEATURES = (
     | VirtioFeatures.RING_INDIRECT_DESC
     | VirtioFeatures.NOTIFY_ON_EMPTY
 )
-#: vhost-device-rng offers MQ and REPLY_ACK; we add device reset (RESET_DEVICE, STATUS) and
-#: more than 8 memory regions (CONFIGURE_MEM_SLOTS). No CONFIG: virtio-rng has no
-#: configuration space.
+#: vhost-device-rng 0.1.0 offers MQ alone (its GET_PROTOCOL_FEATURES answers 0x1, asked through
+#: rngd.testing.Frontend); we add replies (REPLY_ACK: a failure the VMM can see, and QEMU 10
+#: waits for the ack of SET_VRING_ENABLE), device reset (RESET_DEVICE, STATUS) and more than 8
+#: memory regions (CONFIGURE_MEM_SLOTS). No CONFIG: virtio-rng has no configuration space.
 RNG_PROTOCOL_FEATURES = (
     ProtocolFeatures.MQ
     | ProtocolFeatures.REPLY_ACK

@@ -31,6 +31,11 @@ What `/init` understands on the kernel command line:
     seconds to wait for a virtio-rng hwrng to appear when a virtio RNG device exists (default 20).
 `rngtest.shell=1`
     instead of powering off at the end, start a shell on the console.
+`rngtest.pause=N`
+    read the first N bytes, print `RNGTEST-PAUSE`, then wait for one line on the console (the
+    host writes it to QEMU's serial input, `QemuGuest.send`) before reading the rest: a barrier,
+    so that a host can hold several guests in the middle of their reads and release them
+    together.
 `rngtest.hash=0`
     only count the bytes read (`head -c N /dev/hwrng | wc -c`) instead of hashing them, so that
     the timed read does nothing else on the guest's CPU (throughput comparisons); the report
@@ -43,7 +48,7 @@ alone, timed with the guest's monotonic clock)::
     RNGTEST boot=1 current=virtio_rng.0 bytes=262144 seconds=0.412345 sha256=<hex>
     RNGTEST boot=1 current=none bytes=0 error=no-virtio-rng-device
 
-and `RNGTEST-REBOOT boot=1` before a reboot.
+and `RNGTEST-REBOOT boot=1` before a reboot, `RNGTEST-PAUSE boot=1 bytes=N` at a pause.
 
 Userspace does not see every byte the device delivers: the kernel's hwrng core reads the first
 buffer itself when the device registers (early randomness), and its fill thread takes one 64-byte
@@ -162,6 +167,7 @@ DUMP=
 WAIT=20
 SHELL_MODE=0
 HASH=1
+PAUSE=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         rngtest.bytes=*) BYTES=${arg#*=} ;;
@@ -170,6 +176,7 @@ for arg in $(cat /proc/cmdline); do
         rngtest.wait=*) WAIT=${arg#*=} ;;
         rngtest.shell=*) SHELL_MODE=${arg#*=} ;;
         rngtest.hash=*) HASH=${arg#*=} ;;
+        rngtest.pause=*) PAUSE=${arg#*=} ;;
     esac
 done
 
@@ -238,23 +245,35 @@ now_ns() {
     awk '/^now at/ { print $3; ok = 1; exit } END { exit !ok }' /proc/timer_list 2>/dev/null ||
         awk '{ printf "%d\n", $1 * 1000000000 }' /proc/uptime
 }
+# The bytes on stdout; with rngtest.pause=N, a barrier after the first N (stdout is a pipe
+# here, so the marker goes to the console itself, and the release line comes from there).
+read_hwrng() {
+    if [ "$PAUSE" -gt 0 ] && [ "$PAUSE" -lt "$BYTES" ]; then
+        head -c "$PAUSE" /dev/hwrng || return 1
+        echo "RNGTEST-PAUSE boot=$BOOT bytes=$PAUSE" > /dev/console
+        read -r _ < /dev/console
+        head -c $((BYTES - PAUSE)) /dev/hwrng
+    else
+        head -c "$BYTES" /dev/hwrng
+    fi
+}
 echo "RNGTEST-START boot=$BOOT current=$current bytes=$BYTES"
 t0=$(now_ns)
 if [ -n "$DUMP" ]; then
-    head -c "$BYTES" /dev/hwrng > /tmp/rng.bin
+    read_hwrng > /tmp/rng.bin
     rc=$?
     t1=$(now_ns)
     got=$(wc -c < /tmp/rng.bin)
     sum=$(sha256sum /tmp/rng.bin | cut -d' ' -f1)
     dd if=/tmp/rng.bin of="$DUMP" bs=65536 conv=notrunc,fsync 2>/dev/null || rc=dump-failed
 elif [ "$HASH" = 0 ]; then
-    got=$(head -c "$BYTES" /dev/hwrng | wc -c | tr -d ' ')
+    got=$(read_hwrng | wc -c | tr -d ' ')
     rc=$?
     t1=$(now_ns)
     sum=
     [ "$rc" = 0 ] && [ "$got" != "$BYTES" ] && rc=short
 else
-    sum=$(head -c "$BYTES" /dev/hwrng | sha256sum | cut -d' ' -f1)
+    sum=$(read_hwrng | sha256sum | cut -d' ' -f1)
     rc=$?
     t1=$(now_ns)
     got=$BYTES
@@ -297,6 +316,7 @@ class TestGuest:
         wait: int | None = None,
         shell: bool = False,
         hash_bytes: bool = True,
+        pause: int = 0,
         extra: str = "",
     ) -> str:
         """The kernel command line for one run of the guest's `/init`."""
@@ -314,6 +334,8 @@ class TestGuest:
             parts.append("rngtest.shell=1")
         if not hash_bytes:
             parts.append("rngtest.hash=0")
+        if pause:
+            parts.append(f"rngtest.pause={pause}")
         if extra:
             parts.append(extra)
         return " ".join(parts)

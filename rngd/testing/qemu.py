@@ -316,7 +316,8 @@ def choose_accel(
 
 
 class QemuGuest:
-    """One QEMU process with its serial console (stdout) read line by line in a thread.
+    """One QEMU process with its serial console (stdout) read line by line in a thread, and
+    its serial input (stdin) a pipe that `send` writes to.
 
     QEMU runs in its own process group so that it can be stopped as a whole, and so that a
     Ctrl-C at the terminal reaches the helper, which then stops things in order.
@@ -344,7 +345,7 @@ class QemuGuest:
         try:
             self.proc = subprocess.Popen(
                 self.cmd,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -412,6 +413,12 @@ class QemuGuest:
         line = self.expect(wanted, timeout=timeout)
         return None if line is None else parse_report(line)
 
+    def send(self, line: str) -> None:
+        """Type one line on the guest's serial console (e.g. to release `rngtest.pause`)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
     def first_time(self, marker: str) -> float:
         """When the first console line containing `marker` arrived (time.monotonic())."""
         for when, line in zip(self.times, list(self.lines), strict=False):
@@ -446,8 +453,10 @@ class QemuGuest:
                 self.kill(signal.SIGKILL)
                 self.proc.wait()
         self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         if self._log is not None:
             self._log.close()
             self._log = None
