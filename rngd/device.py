@@ -50,7 +50,7 @@ MAX_BATCH_BYTES = 1 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 _ONE = (1).to_bytes(8, "little")
 _FIRST = operator.itemgetter(0)
-_THIRD = operator.itemgetter(2)
+_SECOND = operator.itemgetter(1)
 _EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 
 
@@ -175,7 +175,7 @@ async def serve_vring(
         await run_owned_thread(worker.run, name=name, on_stop=stop)
     finally:
         # Credit of the current window the thread did not use goes back to the others.
-        if worker.credit and trio.current_time() < worker.credit_until != math.inf:
+        if worker.credit and trio.current_time() < worker.credit_until:
             budget.refund(worker.credit)
         if counters is not None:
             counters.ring_stopped(worker)
@@ -257,7 +257,7 @@ class VringWorker(RingCounters):
         """The steady state of an EVENT_IDX ring (every Linux guest's), top to bottom.
 
         Each turn takes what the avail ring holds. The Linux driver's request, one buffer of
-        a descriptor seen before with credit in hand, is served right here: one readv, one
+        a descriptor seen before with credit in hand, is served right here: one read, one
         used element, the used index. Anything else (several requests, a new or chained
         descriptor, no credit left, a broken ring) goes through `serve_batch`. Then, if the
         ring looks empty, avail_event is re-armed; one fence covers both halves of the
@@ -302,11 +302,11 @@ class VringWorker(RingCounters):
                 and (unlimited or (self.credit >= length and clock() < self.deadline))
             ):
                 try:
-                    count = readinto(entry[2])
+                    count = readinto(entry[1])
                 except OSError:
                     count = 0
                 if not count:
-                    iov = entry[1]
+                    iov = [entry[1]]
                     count = source.read(iov)
                     if count <= 0:
                         count = self.wait_for_source(iov, count)
@@ -406,7 +406,7 @@ class VringWorker(RingCounters):
             lengths = list(map(_FIRST, found))
             total = sum(lengths)
             if total <= MAX_BATCH_BYTES and (self.unlimited or self.take_credit(total) == total):
-                iov = list(map(_THIRD, found))
+                iov = list(map(_SECOND, found))
                 count = self.source.read(iov)
                 if count <= 0:
                     count = self.wait_for_source(iov, count)
@@ -441,11 +441,9 @@ class VringWorker(RingCounters):
             total += chain[0].length if len(chain) == 1 else sum(s.length for s in chain)
             if total >= MAX_BATCH_BYTES:
                 break
-        # 2. One grant for the batch (without a call while unlimited credit lasts).
+        # 2. One grant for the batch (none to ask for without a limit).
         want = total if total < MAX_BATCH_BYTES else MAX_BATCH_BYTES
-        credit = self.credit
-        if credit < want or self.credit_until != math.inf:
-            credit = self.take_credit(want) if want else 0
+        credit = want if self.unlimited or not want else self.take_credit(want)
         # 3. Lay out the buffers as far as the credit and readv's limit go.
         iov: list[memoryview] = []
         takes: list[int] = []
@@ -478,15 +476,10 @@ class VringWorker(RingCounters):
             count = self.source.read(iov)
             if count <= 0:
                 count = self.wait_for_source(iov, count)
-        self.credit -= count
+        if not self.unlimited:
+            self.credit -= count
         self.bytes += count
-        lengths: list[int] = []
-        for take in takes:
-            written = take if take <= count else count
-            if written == 0 and take:
-                break  # a short read: this one waits for the next batch
-            count -= written
-            lengths.append(written)
+        lengths = _fills(takes, count)
         queue.put_used_many(heads, lengths)
         self.requests += len(lengths)
 
@@ -494,7 +487,7 @@ class VringWorker(RingCounters):
         """Up to `want` bytes of budget: from the credit held, topped up from the scheduler
         when it is short (one trio round trip per lease, not per request)."""
         credit = self.credit
-        if credit and self.credit_until != math.inf and self.clock_reader() >= self.deadline:
+        if credit and self.clock_reader() >= self.deadline:
             credit = self.credit = 0  # granted for a window that is over
         if credit < want:
             # Asking may park this ring until the refill: let the guest see what is done.
@@ -525,8 +518,6 @@ class VringWorker(RingCounters):
                 self.parked += trio.current_time() - parked_at
             self.held_back += granted
             until = budget.window_end()
-        if until == math.inf:
-            granted = 1 << 62  # unlimited: this thread never needs to ask again
         return granted, until
 
     def wait_for_source(self, iov: list[memoryview], count: int) -> int:
@@ -554,13 +545,15 @@ def _no_read(buffer: memoryview) -> int | None:
 
 def _fills(lengths: list[int], count: int) -> list[int]:
     """How much of `count` bytes, read into buffers of `lengths` in order, each request got,
-    up to the first that got nothing."""
+    up to the first that got nothing of what it was laid out for (a short read: it and the
+    rest wait for the next batch). A length of 0, a request completed empty, always fits."""
     fills = []
     for length in lengths:
-        if count <= 0:
+        written = length if length <= count else count
+        if written == 0 and length:
             break
-        fills.append(length if length <= count else count)
-        count -= length
+        count -= written
+        fills.append(written)
     return fills
 
 

@@ -108,8 +108,8 @@ class Segment:
     buffer: memoryview | None = field(default=None, compare=False, repr=False)
 
 
-#: A chain of one plain buffer: its length, [its buffer] (what readv takes), its buffer.
-Lone = tuple[int, list[memoryview], memoryview]
+#: A chain of one plain buffer: its length, its buffer.
+Lone = tuple[int, memoryview]
 
 
 class SplitQueue:
@@ -172,8 +172,7 @@ class SplitQueue:
         #: Chains of one plain writable descriptor, by its (addr, len, flags, next): the
         #: request of the Linux driver is then one unpack and one lookup. Do not mutate them.
         self._simple: dict[tuple[int, int, int, int], list[Segment]] = {}
-        #: The same chains as (length, [buffer]): what the ring path's readv takes, made once.
-        #: A batch takes the buffer itself, the third item.
+        #: The same chains as (length, buffer): what the ring path reads into, made once.
         self.lone: dict[tuple[int, int, int, int], Lone] = {}
         # The descriptor table as `lone_at` last saw it, and its lone chains by index.
         self._table = b""
@@ -311,7 +310,7 @@ class SplitQueue:
                     # say where the rest points.)
                     self._simple[first] = segments
                     assert segment.buffer is not None
-                    self.lone[first] = (length, [segment.buffer], segment.buffer)
+                    self.lone[first] = (length, segment.buffer)
                     self._table = b""  # `lone_at`'s view of the table is out of date
                 return segments
             if nxt >= table_size:
