@@ -19,13 +19,18 @@ from rngd.testing.driver import DESC_F_NEXT, DESC_F_WRITE
 STEP = 5.0
 
 
+def proc_count(path: str, key: str) -> int:
+    """The number after ``key`` in a /proc file of ``key value`` lines."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise AssertionError(f"no {key} in {path}")
+
+
 def read_syscalls(pid: int) -> int:
     """read(2)-family calls the whole process made so far (every thread)."""
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            if line.startswith("syscr:"):
-                return int(line.split()[1])
-    raise AssertionError("no syscr")
+    return proc_count(f"/proc/{pid}/io", "syscr:")
 
 
 async def test_a_full_ring_is_one_read_and_one_interrupt(workdir: str) -> None:
@@ -179,11 +184,7 @@ async def test_a_chain_longer_than_readv_takes_is_filled_in_part(socks: list[str
 def event_loop_switches(pid: int) -> int:
     """Voluntary context switches of the daemon's main thread, where trio runs: each time it
     slept and was woken."""
-    with open(f"/proc/{pid}/task/{pid}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches")
+    return proc_count(f"/proc/{pid}/task/{pid}/status", "voluntary_ctxt_switches:")
 
 
 async def test_a_limit_that_never_binds_wakes_the_event_loop_once_a_lease(workdir: str) -> None:

@@ -78,7 +78,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from rngd.testing.apt import Apt, AptError, cache_root
+from rngd.testing.apt import Apt, AptError, cache_root, unpack
 
 #: Bump when the builder's output changes for the same inputs (forces a rebuild of every cache).
 BUILDER_VERSION = "1"
@@ -449,18 +449,6 @@ def default_cache_dir() -> Path:
     return cache_root() / "test-guest"
 
 
-def _run(cmd: Sequence[str], *, cwd: Path | None = None) -> str:
-    try:
-        result = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
-        raise GuestBuildError(f"{cmd[0]} not found: the test guest is built on Debian") from exc
-    if result.returncode != 0:
-        raise GuestBuildError(
-            f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}"
-        )
-    return result.stdout
-
-
 def resolve_packages(
     kernel_package: str | None = None, *, arch: str = "amd64", apt: Apt | None = None
 ) -> dict[str, str]:
@@ -726,8 +714,10 @@ def build_test_guest(
         kernel_package = next(p for p in packages if p != BUSYBOX_PACKAGE)
         with tempfile.TemporaryDirectory(prefix="unpack-", dir=cache) as tmp:
             root = Path(tmp)
-            for deb in debs.values():
-                _run(["dpkg-deb", "-x", str(deb), str(root)])
+            try:
+                unpack(debs.values(), root)
+            except AptError as exc:
+                raise GuestBuildError(f"cannot unpack: {exc}") from exc
             releases = sorted((root / "lib" / "modules").iterdir())
             if len(releases) != 1:
                 raise GuestBuildError(f"expected one kernel release in {kernel_package}")
