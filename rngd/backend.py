@@ -493,10 +493,17 @@ class Connection:
     ) -> None:
         assert vring.kick_fd is not None
         done = vring.done = trio.Event()
+        started = False
+
+        def ready() -> None:
+            # The ring's fds are open: whoever started it (a request's reply) may go on.
+            nonlocal started
+            started = True
+            task_status.started()
+
         try:
             with trio.CancelScope() as scope:
                 vring.scope = scope
-                task_status.started()
                 await serve_vring(
                     queue,
                     self.source,
@@ -506,6 +513,7 @@ class Connection:
                     self.incident,
                     name=f"rngd {self.prefix}vring {vring.index}",
                     counters=self.counters,
+                    ready=ready,
                 )
         except RingError as exc:
             self.incident("vring %d stopped, the guest broke it: %s", vring.index, exc)
@@ -533,6 +541,9 @@ class Connection:
             queue.release()
             vring.scope = None
             done.set()
+            if not started:
+                # It failed to start (logged above): the starter goes on without it.
+                task_status.started()
 
     def _break(self, vring: Vring) -> None:
         """Stop the ring until the VMM restarts it, and tell the VMM through the err fd."""

@@ -154,8 +154,13 @@ async def serve_vring(
     *,
     name: str,
     counters: ConnectionCounters | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """The kick-handler task of one vring: serve it in a worker thread until cancelled.
+
+    `ready` is called once the ring's fds (its epoll, the thread's stop eventfd) are open and
+    its kick fd is watched, so that a start reported from there is complete: nothing fails
+    later for want of an fd, and the daemon's fd count is the running ring's.
 
     The worker's counters are among `counters`' running rings while it runs, and added to
     them when it has stopped.
@@ -169,16 +174,21 @@ async def serve_vring(
     def stop() -> None:
         worker.stopping = True
 
-    if counters is not None:
-        counters.ring_started(worker)
+    epoll = worker.open_epoll()
     try:
-        await run_owned_thread(worker.run, name=name, on_stop=stop)
-    finally:
-        # Credit of the current window the thread did not use goes back to the others.
-        if worker.credit and trio.current_time() < worker.credit_until:
-            budget.refund(worker.credit)
         if counters is not None:
-            counters.ring_stopped(worker)
+            counters.ring_started(worker)
+        try:
+            await run_owned_thread(worker.run, name=name, on_stop=stop, ready=ready)
+        finally:
+            # Credit of the current window the thread did not use goes back to the others.
+            if worker.credit and trio.current_time() < worker.credit_until:
+                budget.refund(worker.credit)
+            if counters is not None:
+                counters.ring_stopped(worker)
+    finally:
+        # The thread has returned (or never started): nothing waits on it any more.
+        epoll.close()
 
 
 class VringWorker(RingCounters):
@@ -218,40 +228,50 @@ class VringWorker(RingCounters):
         #: that a ring kept full stops between two batches.
         self.stopping = False
         self._stop_fd = -1
+        self._epoll: select.epoll | None = None
 
-    def run(self, stop_fd: int) -> None:
-        """Drain, then sleep in epoll until kicked or stopped; forever.
+    def open_epoll(self) -> select.epoll:
+        """Make the epoll the thread sleeps in, watching the kick fd; the caller closes it
+        once the thread has returned.
 
         The kick eventfd is watched edge-triggered and never read, as the kernel's vhost
         does: every write to an eventfd is a new edge, so a kick that comes after the ring
         was re-armed always ends the next wait, and the request path saves a system call.
-        The ring is drained once before the first wait: QEMU's kick eventfd starts out
-        signalled, and requests may have been posted before the ring was started.
         """
-        self._stop_fd = stop_fd
-        kick = self.kick_fd
         try:
             epoll = select.epoll(2)
         except OSError as exc:  # EMFILE: the daemon is at its fd limit
             raise ThreadStartError(f"cannot make the ring's epoll: {exc.strerror}") from exc
-        with epoll:
-            try:
-                epoll.register(kick, select.EPOLLIN | select.EPOLLET)
-            except OSError as exc:  # a regular file, say: it cannot tell when it is kicked
-                raise EventfdError(f"kick fd cannot be watched: {exc.strerror}") from exc
-            epoll.register(stop_fd, select.EPOLLIN)
-            try:
-                if self.queue.event_idx:
-                    self.serve(epoll.poll, stop_fd)
-                else:
-                    self.serve_without_event_idx(epoll.poll, stop_fd)
-            except _Stopped:
-                return
-            finally:
-                # Also when a stop or an error cuts a batch short: completions already made
-                # must reach the guest.
-                with contextlib.suppress(EventfdError):
-                    self.flush()
+        try:
+            epoll.register(self.kick_fd, select.EPOLLIN | select.EPOLLET)
+        except OSError as exc:  # a regular file, say: it cannot tell when it is kicked
+            epoll.close()
+            raise EventfdError(f"kick fd cannot be watched: {exc.strerror}") from exc
+        self._epoll = epoll
+        return epoll
+
+    def run(self, stop_fd: int) -> None:
+        """Drain, then sleep in epoll until kicked or stopped; forever.
+
+        The ring is drained once before the first wait: QEMU's kick eventfd starts out
+        signalled, and requests may have been posted before the ring was started.
+        """
+        epoll = self._epoll
+        assert epoll is not None, "open_epoll first"
+        self._stop_fd = stop_fd
+        epoll.register(stop_fd, select.EPOLLIN)
+        try:
+            if self.queue.event_idx:
+                self.serve(epoll.poll, stop_fd)
+            else:
+                self.serve_without_event_idx(epoll.poll, stop_fd)
+        except _Stopped:
+            return
+        finally:
+            # Also when a stop or an error cuts a batch short: completions already made
+            # must reach the guest.
+            with contextlib.suppress(EventfdError):
+                self.flush()
 
     def serve(self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int) -> None:
         """The steady state of an EVENT_IDX ring (every Linux guest's), top to bottom.

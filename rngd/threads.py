@@ -24,7 +24,11 @@ class ThreadStartError(Exception):
 
 
 async def run_owned_thread(
-    fn: Callable[[int], T], *, name: str, on_stop: Callable[[], None] | None = None
+    fn: Callable[[int], T],
+    *,
+    name: str,
+    on_stop: Callable[[], None] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> T:
     """Run ``fn(stop_fd)`` in a new worker thread and return (or raise) what it does.
 
@@ -32,6 +36,9 @@ async def run_owned_thread(
     readable: `fn` must keep it in its poll set and return soon after. The thread may call
     back into this task with `trio.from_thread.run` (e.g. to park on the bandwidth budget);
     cancellation reaches such a call as `trio.Cancelled`.
+
+    `ready` is called once every fd the thread needs is open, just before it starts: a
+    caller that reports the start (a reply to the VMM) reports it complete.
     """
     try:
         stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -40,6 +47,8 @@ async def run_owned_thread(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_when_cancelled, stop, on_stop)
+            if ready is not None:
+                ready()
 
             async def in_thread() -> T:
                 return await trio.to_thread.run_sync(

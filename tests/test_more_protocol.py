@@ -317,6 +317,7 @@ async def test_regions_added_and_removed_while_the_ring_runs(
                     assert sent.count(Request.ADD_MEM_REG) == 2
                     assert Request.SET_MEM_TABLE not in sent
                     got = bytearray(await vmm.read_random(64))
+                    await vmm.settle()
                     # The ring runs: its fds are all there, as they will be at the end.
                     fds_running = daemon.fd_count()
 

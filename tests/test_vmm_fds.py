@@ -212,6 +212,8 @@ async def two_guests(workdir: str) -> AsyncIterator[tuple[DaemonProcess, Fronten
                 with trio.fail_after(STEP):
                     await vmm.start_qemu72(4)
                     assert len(await vmm.read_random(64)) == 64
+                    # Counts of fds taken from here on see the start complete.
+                    await vmm.settle()
                 yield daemon, vmm, other
                 await other.still_served()
                 with trio.fail_after(STEP):

@@ -274,6 +274,13 @@ class Frontend:
         assert reply is not None
         return reply.u64
 
+    async def settle(self) -> None:
+        """Return once the daemon has handled every message sent so far, those that ask
+        for no reply included (QEMU sends SET_VRING_CALL that way, and a guest may read
+        before the daemon has taken it). One connection's messages are handled in order, so
+        the reply to a request sent now proves it."""
+        await self._get_u64(Request.GET_FEATURES)
+
     # -- one method per request -------------------------------------------------------------
 
     async def get_features(self) -> int:
