@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import enum
 import math
+from typing import Protocol
 
 import trio
 
@@ -535,3 +536,30 @@ class GuestBudget:
     def statistics(self) -> GuestStatistics:
         """This guest's part of `BandwidthScheduler.statistics()`."""
         return self._scheduler.statistics().guests[self.index]
+
+
+class Budget(Protocol):
+    """One guest's view of the bandwidth scheduler, as the ring path uses it (`GuestBudget`
+    is the scheduler's; tests may give a ring another)."""
+
+    @property
+    def lease(self) -> int:
+        """How many bytes a ring should ask for at a time (0 when unlimited)."""
+        ...
+
+    def try_acquire(self, want: int, *, spare: int = 0) -> int:
+        """Grant up to `want` bytes now without waiting; 0 if nothing is left this period.
+        With all of `want`, also up to `spare` more, as far as they are free for this guest."""
+        ...
+
+    async def acquire(self, want: int) -> int:
+        """Grant 1..`want` bytes, parking until the next refill if nothing is left."""
+        ...
+
+    def refund(self, unused: int) -> None:
+        """Give back the part of a grant that was not used."""
+        ...
+
+    def window_end(self) -> float:
+        """trio time at which grants made now stop counting (math.inf when unlimited)."""
+        ...

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from rngd.backend import Connection
-from rngd.bandwidth import BandwidthScheduler
+from rngd.bandwidth import BandwidthScheduler, Budget
 from rngd.config import ConfigError, DaemonConfig
-from rngd.device import Budget
+from rngd.connection import Connection
 from rngd.incidents import IncidentLog
 from rngd.observe import Peer, describe, peer_of
 from rngd.source import EntropySource, SourceError

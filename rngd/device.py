@@ -1,612 +1,388 @@
-"""What a virtio-rng request is, and how one vring's requests are served, top to bottom.
+"""The device half of one vhost-user connection: what the session's events do.
 
-A request is one descriptor chain of device-writable buffers. Serving it means: take up to the
-chain's length from the bandwidth budget, read that many bytes from the entropy source straight
-into guest memory, and return the chain on the used ring with the count written.
-
-Each running vring has a trio task (`serve_vring`) that owns a worker thread (`VringWorker`).
-The thread does the steady-state work without trio: it blocks in epoll on the kick eventfd,
-drains the ring in batches (one budget grant, one `readv` per batch, one used-index store, one
-interrupt decision) and signals the call eventfd. A trio wake-up per kick would cost several
-times the request itself. The bandwidth scheduler stays single-threaded in trio: the thread
-asks its task for a credit of bytes (`trio.from_thread.run`), and that task parks in the
-scheduler when the budget is spent. Cancelling the task stops the thread and joins it.
+`Connection` reads and answers messages; the sans-I/O `Session` validates and records them;
+`Device.apply` carries out the resulting event: maps guest memory, swaps eventfds, starts and
+stops vrings. Each started vring runs `serve_vring` (rngd.ring) in its own cancel scope inside
+the connection's nursery, so stopping one ring is cancelling one scope, and a disconnect is
+cancelling the nursery.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import math
-import operator
+import logging
 import os
-import select
-import time
-from collections.abc import Callable
-from typing import Protocol, cast
+from dataclasses import dataclass, field
 
 import trio
 
+from rngd.bandwidth import Budget
+from rngd.eventfds import EventfdError, VringSignal, check_eventfd
 from rngd.incidents import IncidentLog
-from rngd.observe import ConnectionCounters, RingCounters
-from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
-from rngd.threads import ThreadStartError, run_owned_thread
-from rngd.virtqueue import (
-    DESC,
-    SMALL_TABLE,
-    STORES_ORDERED,
-    ChainError,
-    Lone,
-    Segment,
-    SplitQueue,
+from rngd.memory import GuestMemory, GuestMemoryError
+from rngd.observe import ConnectionCounters
+from rngd.protocol.codec import Message
+from rngd.protocol.constants import Request, VirtioFeatures
+from rngd.protocol.payloads import MemoryRegion
+from rngd.protocol.session import (
+    AddMemReg,
+    Event,
+    GetVringBase,
+    RemMemReg,
+    Reply,
+    RequestRejected,
+    ResetDevice,
+    ResetOwner,
+    Session,
+    SetMemTable,
+    SetVringBase,
+    SetVringFd,
+    VringChanged,
 )
+from rngd.ring import serve_vring
+from rngd.source import EntropySource, GuestMemoryFault, SourceError
+from rngd.threads import ThreadStartError
+from rngd.virtqueue import RingError, SplitQueue
 
-#: Largest fill of one request. virtio-rng lets the device return fewer bytes than offered; a
-#: bound keeps one request with a huge buffer from holding its vring (and budget) for long.
-MAX_REQUEST_BYTES = 1 << 20
-#: Most bytes one batch reads, so that a stop is never kept waiting behind a huge read.
-MAX_BATCH_BYTES = 1 << 20
-#: Most buffers one readv takes (the kernel's UIO_MAXIOV).
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
-_ONE = (1).to_bytes(8, "little")
-_FIRST = operator.itemgetter(0)
-_SECOND = operator.itemgetter(1)
-_EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
+log = logging.getLogger(__name__)
 
-
-class Budget(Protocol):
-    """One guest's view of the bandwidth scheduler (rngd.bandwidth)."""
-
-    @property
-    def lease(self) -> int:
-        """How many bytes a ring should ask for at a time (0 when unlimited)."""
-        ...
-
-    def try_acquire(self, want: int, *, spare: int = 0) -> int:
-        """Grant up to `want` bytes now without waiting; 0 if nothing is left this period.
-        With all of `want`, also up to `spare` more, as far as they are free for this guest."""
-        ...
-
-    async def acquire(self, want: int) -> int:
-        """Grant 1..`want` bytes, parking until the next refill if nothing is left."""
-        ...
-
-    def refund(self, unused: int) -> None:
-        """Give back the part of a grant that was not used."""
-        ...
-
-    def window_end(self) -> float:
-        """trio time at which grants made now stop counting (math.inf when unlimited)."""
-        ...
+_FD_ROLE = {
+    Request.SET_VRING_KICK: "kick",
+    Request.SET_VRING_CALL: "call",
+    Request.SET_VRING_ERR: "err",
+}
 
 
-class EventfdError(Exception):
-    """An eventfd the VMM gave us failed (closed under us, hung up, not an eventfd)."""
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
-class Notifier:
-    """A vring's call (or err) eventfd, signalled by the worker thread and replaced by the
-    protocol task (QEMU sends SET_VRING_CALL several times while a ring runs).
+@dataclass(eq=False)
+class Vring:
+    """The run-time state of one vring: its eventfds, where it stands and, while started, its
+    task. (What the VMM configured, size, addresses and enable, is the session's.)
 
-    The thread writes to one fd number for the notifier's whole life, `fd`, and a replacement
-    is `os.dup2` onto that number, which the kernel does atomically: a signal goes to the old
-    eventfd or the new one, never to a number that was closed and handed to something else.
-    So the signal path takes no lock, and a VMM that makes its eventfd blocking can stall at
-    most the thread, never the protocol task that swaps it.
+    The protocol task owns it; the vring's task writes `next_avail` once, when it ends, and
+    the protocol task waits for that (`Device.stop`) before it touches the ring again.
+    A RESET_OWNER or a disconnect replaces the whole object, so nothing of an old run can
+    reach a new owner's ring.
     """
 
-    def __init__(self, what: str) -> None:
-        self.what = what
-        #: The number the thread writes to (None until the VMM gives one).
-        self.fd: int | None = None
-        #: `write` of a file object on `fd` (None with it), read by the thread on every
-        #: signal: it only ever changes from None to a function while a ring runs. It costs
-        #: less than `os.write` and answers EAGAIN (a saturated counter) with None, where
-        #: `os.write` raises.
-        self.write: Callable[[bytes], int | None] | None = None
-
-    def replace(self, fd: int | None) -> None:
-        """Signal `fd` from now on (None: nothing). Takes ownership of `fd`: it is closed here,
-        its description kept at `self.fd`, which the previous one's number goes on naming."""
-        if self.fd is None:
-            if fd is not None:
-                self.fd = fd
-                self.write = io.FileIO(fd, "w", closefd=False).write
-            return
-        if fd is None:
-            # Signal nothing: a fresh eventfd of our own takes the number; nobody reads it,
-            # and once its counter saturates a write just fails with EAGAIN. (Out of fds, the
-            # old eventfd goes on being signalled: a spurious interrupt is allowed, a write
-            # to a recycled number is not.)
-            try:
-                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            except OSError:
-                return
-        try:
-            os.dup2(fd, self.fd, inheritable=False)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        """Close the fd (once no thread can signal it: every ring stopped)."""
-        if self.fd is not None:
-            self.write = None
-            os.close(self.fd)
-            self.fd = None
-
-    def signal(self) -> None:
-        write = self.write
-        if write is None:
-            return
-        try:
-            write(_ONE)  # None if the counter is saturated: a wake-up is pending anyway
-        except OSError as exc:
-            raise EventfdError(f"signalling the {self.what} fd failed: {exc.strerror}") from exc
+    index: int
+    kick_fd: int | None = None
+    call: VringSignal = field(default_factory=lambda: VringSignal("call"))
+    err: VringSignal = field(default_factory=lambda: VringSignal("err"))
+    #: The next avail index to serve: SET_VRING_BASE's, then wherever the last run stopped.
+    next_avail: int = 0
+    scope: trio.CancelScope | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    #: Set when the guest broke the ring; it stays stopped until the VMM restarts it.
+    broken: bool = False
 
 
-async def serve_vring(
-    queue: SplitQueue,
-    source: EntropySource,
-    budget: Budget,
-    kick_fd: int,
-    call: Notifier,
-    incident: IncidentLog,
-    *,
-    name: str,
-    counters: ConnectionCounters | None = None,
-    ready: Callable[[], None] | None = None,
-) -> None:
-    """The kick-handler task of one vring: serve it in a worker thread until cancelled.
-
-    `ready` is called once the ring's fds (its epoll, the thread's stop eventfd) are open and
-    its kick fd is watched, so that a start reported from there is complete: nothing fails
-    later for want of an fd, and the daemon's fd count is the running ring's.
-
-    The worker's counters are among `counters`' running rings while it runs, and added to
-    them when it has stopped.
-
-    Raises what stops the ring for good: RingError (the guest broke it), EventfdError,
-    GuestMemoryFault, SourceError, ThreadStartError.
-    """
-    worker = VringWorker(queue, source, budget, kick_fd, call, incident)
-    worker.unlimited = budget.window_end() == math.inf
-
-    def stop() -> None:
-        worker.stopping = True
-
-    epoll = worker.open_epoll()
-    try:
-        if counters is not None:
-            counters.ring_started(worker)
-        try:
-            await run_owned_thread(worker.run, name=name, on_stop=stop, ready=ready)
-        finally:
-            # Credit of the current window the thread did not use goes back to the others.
-            if worker.credit and trio.current_time() < worker.credit_until:
-                budget.refund(worker.credit)
-            if counters is not None:
-                counters.ring_stopped(worker)
-    finally:
-        # The thread has returned (or never started): nothing waits on it any more.
-        epoll.close()
-
-
-class VringWorker(RingCounters):
-    """The thread side of one vring. `run` is the whole request path.
-
-    It counts what it does in its `RingCounters` attributes, plain ints it alone writes
-    (`_grant`, which counts the parking, runs while the thread waits for it); the trio side
-    only reads them.
-    """
+class Device:
+    """Guest memory and the vrings of one connection, changed only by `apply` (and torn
+    down by `drop_resources`), all from the connection's protocol task."""
 
     def __init__(
         self,
-        queue: SplitQueue,
+        session: Session,
         source: EntropySource,
         budget: Budget,
-        kick_fd: int,
-        call: Notifier,
+        counters: ConnectionCounters,
         incident: IncidentLog,
+        nursery: trio.Nursery,
+        prefix: str,
     ) -> None:
-        super().__init__()
-        self.queue = queue
+        self.session = session
         self.source = source
         self.budget = budget
-        self.kick_fd = kick_fd
-        self.call = call
+        self.counters = counters
         self.incident = incident
-        #: trio's clock as the thread reads it cheaply: `clock_reader() + clock_offset` is
-        #: trio time.
-        self.clock_reader, self.clock_offset = clock_reader(trio.lowlevel.current_clock())
-        #: Bytes granted by the budget and not used yet, valid until `credit_until` (trio
-        #: time), that is until `clock_reader()` reaches `deadline`.
-        self.credit = 0
-        self.credit_until = self.deadline = -math.inf
-        #: No rate limit: credit is never asked for (set by the owning task, from trio).
-        self.unlimited = False
-        #: Set by the owning task when it is cancelled (before the stop fd is signalled), so
-        #: that a ring kept full stops between two batches.
-        self.stopping = False
-        self._stop_fd = -1
-        self._epoll: select.epoll | None = None
+        #: Where the vrings' tasks run: the connection's, cancelled at a disconnect.
+        self._nursery = nursery
+        self.prefix = prefix
+        self.memory: GuestMemory | None = None
+        self.vrings = [Vring(i) for i in range(session.num_queues)]
+        #: Memory tables and vring starts so far: the first of each is logged at INFO, the
+        #: rest (a VMM may send thousands) at DEBUG and counted once when the connection ends.
+        self.memory_tables = 0
+        self.vring_starts = 0
 
-    def open_epoll(self) -> select.epoll:
-        """Make the epoll the thread sleeps in, watching the kick fd; the caller closes it
-        once the thread has returned.
+    def drop_resources(self) -> None:
+        """Close every eventfd, unmap the memory and start the vrings' run-time state afresh
+        (the vring tasks have stopped)."""
+        self.drop_vrings()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        self.session.memory_mapped([])
 
-        The kick eventfd is watched edge-triggered and never read, as the kernel's vhost
-        does: every write to an eventfd is a new edge, so a kick that comes after the ring
-        was re-armed always ends the next wait, and the request path saves a system call.
-        """
+    def drop_vrings(self) -> None:
+        """Close every vring's eventfds and start their run-time state afresh (the vring tasks
+        have stopped)."""
+        for vring in self.vrings:
+            _close(vring.kick_fd)
+            vring.kick_fd = None
+            vring.call.close()
+            vring.err.close()
+        self.vrings = [Vring(i) for i in range(self.session.num_queues)]
+
+    async def apply(self, message: Message, event: Event) -> bytes | None:
+        """Carry out what the session made of `message`; the reply to send, if any."""
+        match event:
+            case Reply(data):
+                return data if data is not None else self.session.ack(message, True)
+            case SetMemTable(regions, fds):
+                await self._set_mem_table(regions, fds)
+            case SetVringFd(request, index, fd):
+                await self._set_vring_fd(request, self.vrings[index], fd)
+            case SetVringBase(index, base):
+                vring = self.vrings[index]
+                # Stopped first: where the running ring stood must not overwrite the VMM's word.
+                await self.stop(vring)
+                vring.next_avail = base
+                await self.restart(vring)
+            case GetVringBase(index):
+                vring = self.vrings[index]
+                await self.stop(vring)
+                # The ring is stopped until the next SET_VRING_KICK starts it again.
+                self._replace_kick(vring, None)
+                vring.broken = False
+                return self.session.vring_base_reply(index, vring.next_avail)
+            case VringChanged(index):
+                await self.restart(self.vrings[index])
+            case ResetOwner():
+                for vring in self.vrings:
+                    await self.stop(vring)
+                self.drop_resources()
+            case ResetDevice():
+                for vring in self.vrings:
+                    await self.stop(vring)
+                self.drop_vrings()
+                log.debug("%sdevice reset by %s", self.prefix, message.name)
+            case AddMemReg(region, fd):
+                await self._add_mem_reg(region, fd)
+            case RemMemReg(region, fd):
+                _close(fd)
+                await self._rem_mem_reg(region)
+        return self.session.ack(message, True)
+
+    async def _set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None:
         try:
-            epoll = select.epoll(2)
-        except OSError as exc:  # EMFILE: the daemon is at its fd limit
-            raise ThreadStartError(f"cannot make the ring's epoll: {exc.strerror}") from exc
-        try:
-            epoll.register(self.kick_fd, select.EPOLLIN | select.EPOLLET)
-        except OSError as exc:  # a regular file, say: it cannot tell when it is kicked
-            epoll.close()
-            raise EventfdError(f"kick fd cannot be watched: {exc.strerror}") from exc
-        self._epoll = epoll
-        return epoll
-
-    def run(self, stop_fd: int) -> None:
-        """Drain, then sleep in epoll until kicked or stopped; forever.
-
-        The ring is drained once before the first wait: QEMU's kick eventfd starts out
-        signalled, and requests may have been posted before the ring was started.
-        """
-        epoll = self._epoll
-        assert epoll is not None, "open_epoll first"
-        self._stop_fd = stop_fd
-        epoll.register(stop_fd, select.EPOLLIN)
-        try:
-            if self.queue.event_idx:
-                self.serve(epoll.poll, stop_fd)
-            else:
-                self.serve_without_event_idx(epoll.poll, stop_fd)
-        except _Stopped:
-            return
+            new = GuestMemory.map(regions, fds)
+        except GuestMemoryError as exc:
+            raise RequestRejected(f"memory table not mapped: {exc}") from exc
         finally:
-            # Also when a stop or an error cuts a batch short: completions already made
-            # must reach the guest.
-            with contextlib.suppress(EventfdError):
-                self.flush()
+            # The mappings hold their own references; ours are no longer needed.
+            for fd in fds:
+                os.close(fd)
+        for vring in self.vrings:
+            await self.stop(vring)
+        old, self.memory = self.memory, new
+        if old is not None:
+            old.close()
+        self.session.memory_mapped(new.regions)
+        self.memory_tables += 1
+        log.log(
+            logging.INFO if self.memory_tables == 1 else logging.DEBUG,
+            "%smemory table: %s",
+            self.prefix,
+            ", ".join(f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in new.regions),
+        )
+        # Every ring that is ready now starts: the ones that ran on the old table, and any
+        # configured before the first table (or whose rings the old table did not hold).
+        for vring in self.vrings:
+            await self.restart(vring)
 
-    def serve(self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int) -> None:
-        """The steady state of an EVENT_IDX ring (every Linux guest's), top to bottom.
+    async def _add_mem_reg(self, region: MemoryRegion, fd: int) -> None:
+        """Map one more region. The rings stop while the table changes (their threads read it)
+        and start again on the new one."""
+        try:
+            mapped = GuestMemory.map_region(region, fd)
+        except GuestMemoryError as exc:
+            raise RequestRejected(f"region not mapped: {exc}") from exc
+        finally:
+            os.close(fd)
+        for vring in self.vrings:
+            await self.stop(vring)
+        if self.memory is None:
+            self.memory = GuestMemory([])
+        self.memory.add(mapped)
+        self._memory_changed(f"added gpa {region.guest_phys_addr:#x}+{region.memory_size:#x}")
+        await self._restart_all()
 
-        Each turn takes what the avail ring holds. The Linux driver's request, one buffer of
-        a descriptor seen before with credit in hand, is served right here: one read, one
-        used element, the used index. Anything else (several requests, a new or chained
-        descriptor, no credit left, a broken ring) goes through `serve_batch`. Then, if the
-        ring looks empty, avail_event is re-armed; one fence covers both halves of the
-        handshake (our used index before the driver's used_event is read, our avail_event
-        before its avail index is read again), the guest is interrupted if it asked to be,
-        and the thread sleeps in epoll if the ring is still empty.
+    async def _rem_mem_reg(self, region: MemoryRegion) -> None:
+        """Unmap one region once no request uses it: stopping a ring waits for its thread to
+        finish the request in hand and drops the ring's views of guest memory."""
+        assert self.memory is not None  # the session checked the region is mapped
+        for vring in self.vrings:
+            await self.stop(vring)
+        self.memory.remove(region)
+        self._memory_changed(f"removed gpa {region.guest_phys_addr:#x}+{region.memory_size:#x}")
+        await self._restart_all()
 
-        Hot names are locals: this loop is what a guest waits on, per request.
-        """
-        queue, call, source = self.queue, self.call, self.source
-        avail, used, elems, desc = queue.avail, queue.used, queue.used_elems, queue.desc
-        size = queue.size
-        copy_table = desc.tobytes if size <= SMALL_TABLE else None
-        by_index = queue.lone_by_index
-        used_event_slot, avail_event_slot = queue.used_event_slot, queue.avail_event_slot
-        lone = queue.lone.get
-        unpack = DESC.unpack_from
-        release, acquire = queue.fence.release, queue.fence.acquire
-        stores_ordered = STORES_ORDERED
-        # A source that needs no more than a read is read here, through a file object's
-        # readinto (cheaper than os.readv; None at EAGAIN); any other, and every error, end
-        # of file or empty pipe, through `source.read`.
-        readinto: Callable[[memoryview], int | None] = _no_read
-        if source.direct_fd is not None:
-            readinto = io.FileIO(source.direct_fd, closefd=False).readinto
-        clock = self.clock_reader
-        unlimited = self.unlimited
-        while True:
-            # (The used index always equals the avail index consumed: requests are completed
-            # in order, and none is kept across a stop.)
-            start = queue.next_avail
-            if (
-                (avail[1] - start) & 0xFFFF == 1
-                and (head := avail[2 + start % size]) < size
-                and (
-                    entry := by_index(copy_table())[head]
-                    if copy_table
-                    else lone(unpack(desc, head << 4))
+    def _memory_changed(self, what: str) -> None:
+        assert self.memory is not None
+        self.session.memory_mapped(self.memory.regions)
+        self.memory_tables += 1
+        log.debug("%smemory region %s (%d mapped)", self.prefix, what, len(self.memory.regions))
+
+    async def _restart_all(self) -> None:
+        """Start every ring that is ready on the memory as it now is. A ring whose addresses
+        the change took away stays stopped (the change itself stands) until the VMM maps them
+        again or reconfigures the ring."""
+        for vring in self.vrings:
+            try:
+                await self.restart(vring)
+            except RequestRejected as exc:
+                self.incident("%s", exc)
+
+    async def _set_vring_fd(self, request: Request, vring: Vring, fd: int | None) -> None:
+        if fd is not None:
+            try:
+                check_eventfd(fd, _FD_ROLE[request])
+            except EventfdError as exc:
+                # Refused: the vring keeps the fd it had.
+                os.close(fd)
+                raise RequestRejected(str(exc)) from exc
+        if request == Request.SET_VRING_KICK:
+            if fd is None:
+                raise RequestRejected(
+                    "polling mode (SET_VRING_KICK without an fd) is not supported"
                 )
-                is not None
-                and (length := entry[0]) <= MAX_REQUEST_BYTES
-                and (unlimited or (self.credit >= length and clock() < self.deadline))
-            ):
-                try:
-                    count = readinto(entry[1])
-                except OSError:
-                    count = 0
-                if not count:
-                    iov = [entry[1]]
-                    count = source.read(iov)
-                    if count <= 0:
-                        count = self.wait_for_source(iov, count)
-                slot = (start % size) << 1
-                elems[slot] = head
-                elems[slot + 1] = count
-                start = queue.next_used = queue.next_avail = (start + 1) & 0xFFFF
-                if not unlimited:
-                    self.credit -= count
-                self.requests += 1
-                self.bytes += count
-                if not stores_ordered:
-                    release()  # the element before the index that publishes it
-                    acquire()
-                used[1] = queue.published_used = start
-                # The driver keeps one request in flight: expect the ring to be empty now.
-                used[avail_event_slot] = start
-                empty = True
-            else:
-                if (avail[1] - start) & 0xFFFF:
-                    self.serve_batch(queue.pending())
-                    if self.stopping:
-                        raise _Stopped
-                    queue.publish_used()
-                # Re-arm only if the ring looks empty: a busy ring is not asked for kicks.
-                start = queue.next_avail
-                empty = avail[1] == start
-                if empty:
-                    used[avail_event_slot] = start
-            # One fence for both handshakes: our used index before the driver's used_event
-            # is read, our avail_event before its avail index is read again.
-            release()
-            acquire()
-            old = queue.signalled_used
-            if old != start:
-                # vring_need_event(): did `start` pass the index the driver asked to hear of?
-                if (start - avail[used_event_slot] - 1) & 0xFFFF < (start - old) & 0xFFFF:
-                    write = call.write
-                    if write is not None:
-                        try:
-                            write(_ONE)  # None if the counter is saturated: a wake-up is due
-                        except OSError as exc:
-                            raise EventfdError(
-                                f"signalling the call fd failed: {exc.strerror}"
-                            ) from exc
-                    self.interrupts += 1
-                queue.signalled_used = start
-            if not empty or avail[1] != start:
-                if self.stopping:
-                    raise _Stopped
-                continue
-            # A stop is told by the stop fd while asleep, by `stopping` while busy.
-            for fd, events in poll():
-                if fd == stop_fd:
-                    return
-                if events & _EPOLL_TROUBLE:
-                    raise EventfdError(f"kick fd reports poll events {events:#x}")
-                self.kicks += 1
-
-    def serve_without_event_idx(
-        self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int
-    ) -> None:
-        """The same for a ring without EVENT_IDX (flags say whether to interrupt, and the
-        driver always kicks), through the queue's own steps: no guest of today's is here."""
-        queue = self.queue
-        while not self.stopping:
-            pending = queue.pending()
-            if pending:
-                self.serve_batch(pending)
-                if self.stopping:
-                    raise _Stopped
-                self.flush()
-            elif not queue.arm():
-                for fd, events in poll():
-                    if fd == stop_fd:
-                        return
-                    if events & _EPOLL_TROUBLE:
-                        raise EventfdError(f"kick fd reports poll events {events:#x}")
-                    self.kicks += 1
-        raise _Stopped
-
-    def flush(self) -> None:
-        """Publish the completions made so far; interrupt the guest if it wants to hear."""
-        if self.queue.publish():
-            self.call.signal()
-            self.interrupts += 1
-
-    def serve_batch(self, pending: int) -> None:
-        """Serve up to `pending` requests (fewer if the budget or a batch's bounds say so)."""
-        queue = self.queue
-        heads = queue.heads(pending)
-        # A ring kept full of buffers seen before, within the bounds and the credit: every
-        # step at C speed (map, sum, one readv, one store of the used elements).
-        entries = queue.lone_at(heads)
-        if all(entries) and len(entries) <= _IOV_MAX:
-            found = cast(list[Lone], entries)
-            lengths = list(map(_FIRST, found))
-            total = sum(lengths)
-            if total <= MAX_BATCH_BYTES and (self.unlimited or self.take_credit(total) == total):
-                iov = list(map(_SECOND, found))
-                count = self.source.read(iov)
-                if count <= 0:
-                    count = self.wait_for_source(iov, count)
-                if count < total:
-                    lengths = _fills(lengths, count)  # a short read: the rest wait
-                queue.put_used_many(heads, lengths)
-                if not self.unlimited:
-                    self.credit -= count
-                self.bytes += count
-                self.requests += len(lengths)
-                return
-        # Anything else, a step at a time.
-        self.serve_chains(heads)
-
-    def serve_chains(self, heads: list[int]) -> None:
-        """`serve_batch` for requests that are not all plain buffers seen before, or more
-        than a batch's bounds or the credit let through at once."""
-        queue = self.queue
-        chain_of = queue.chain
-        # 1. Walk the chains, in order: what each may take.
-        chains: list[list[Segment] | None] = []
-        total = 0
-        for head in heads:
-            try:
-                chain = chain_of(head)
-            except ChainError as exc:
-                self.incident("request %d refused, completed empty: %s", head, exc)
-                self.malformed += 1
-                chains.append(None)
-                continue
-            chains.append(chain)
-            total += chain[0].length if len(chain) == 1 else sum(s.length for s in chain)
-            if total >= MAX_BATCH_BYTES:
-                break
-        # 2. One grant for the batch (none to ask for without a limit).
-        want = total if total < MAX_BATCH_BYTES else MAX_BATCH_BYTES
-        credit = want if self.unlimited or not want else self.take_credit(want)
-        # 3. Lay out the buffers as far as the credit and readv's limit go.
-        iov: list[memoryview] = []
-        takes: list[int] = []
-        for segments in chains:
-            if segments is None:
-                takes.append(0)
-                continue
-            limit = credit if credit < MAX_REQUEST_BYTES else MAX_REQUEST_BYTES
-            if limit == 0:
-                break
-            if len(segments) == 1 and segments[0].length <= limit:
-                # The common request, one buffer that fits, without a call.
-                segment = segments[0]
-                assert segment.buffer is not None
-                iov.append(segment.buffer)
-                laid = segment.length
-            else:
-                room = _IOV_MAX - len(iov)
-                if len(segments) > room:
-                    if iov:
-                        break
-                    # A chain longer than readv takes is filled as far as its first buffers go.
-                    segments = segments[:room]
-                laid = lay_out(segments, limit, iov)
-            credit -= laid
-            takes.append(laid)
-        # 4. One read for all of them, then the used elements in order.
-        count = 0
-        if iov:
-            count = self.source.read(iov)
-            if count <= 0:
-                count = self.wait_for_source(iov, count)
-        if not self.unlimited:
-            self.credit -= count
-        self.bytes += count
-        lengths = _fills(takes, count)
-        queue.put_used_many(heads, lengths)
-        self.requests += len(lengths)
-
-    def take_credit(self, want: int) -> int:
-        """Up to `want` bytes of budget: from the credit held, topped up from the scheduler
-        when it is short (one trio round trip per lease, not per request)."""
-        credit = self.credit
-        if credit and self.clock_reader() >= self.deadline:
-            credit = self.credit = 0  # granted for a window that is over
-        if credit < want:
-            # Asking may park this ring until the refill: let the guest see what is done.
-            self.flush()
-            granted, until = trio.from_thread.run(self._grant, want - credit, credit)
-            if until != self.credit_until:
-                credit = 0  # what was held belongs to a window that is over
-            credit += granted
-            self.credit, self.credit_until = credit, until
-            self.deadline = until - self.clock_offset
-        return want if want <= credit else credit
-
-    async def _grant(self, want: int, held: int) -> tuple[int, float]:
-        # Runs in the owning task, in trio: the scheduler is not thread-safe. Asks for a
-        # lease beyond `want` (what is free for this guest anyway) so that the next
-        # requests need no round trip; bytes left over go back when the ring stops, or lapse
-        # with the window (charged to it, so it is never exceeded).
-        budget = self.budget
-        granted = budget.try_acquire(want, spare=budget.lease - want)
-        until = budget.window_end()
-        if not granted and not (held and until == self.credit_until):
-            # Nothing left for this guest now, nor held: park until the refill, and count
-            # the wait.
-            parked_at = trio.current_time()
-            try:
-                granted = await budget.acquire(want)
-            finally:
-                self.parked += trio.current_time() - parked_at
-            self.held_back += granted
-            until = budget.window_end()
-        return granted, until
-
-    def wait_for_source(self, iov: list[memoryview], count: int) -> int:
-        """Fill `iov` from a source that just gave `count` (end of file or WOULD_BLOCK):
-        at least one byte, waiting (stoppably) for it."""
-        source = self.source
-        while True:
-            self.flush()
-            if count == WOULD_BLOCK:
-                ready = select.poll()
-                ready.register(source.fd, select.POLLIN)
-                ready.register(self._stop_fd, select.POLLIN)
-                if any(fd == self._stop_fd for fd, _ in ready.poll()):
-                    raise _Stopped
-            elif wait_readable(self._stop_fd, source.eof_retry * 1000):
-                raise _Stopped
-            count = source.read(iov)
-            if count > 0:
-                return count
-
-
-def _no_read(buffer: memoryview) -> int | None:
-    return None
-
-
-def _fills(lengths: list[int], count: int) -> list[int]:
-    """How much of `count` bytes, read into buffers of `lengths` in order, each request got,
-    up to the first that got nothing of what it was laid out for (a short read: it and the
-    rest wait for the next batch). A length of 0, a request completed empty, always fits."""
-    fills = []
-    for length in lengths:
-        written = length if length <= count else count
-        if written == 0 and length:
-            break
-        count -= written
-        fills.append(written)
-    return fills
-
-
-def lay_out(segments: list[Segment], limit: int, iov: list[memoryview]) -> int:
-    """Append views of the first `limit` bytes of a chain's buffers to `iov`; return how many
-    bytes they hold (less than `limit` if the chain is shorter)."""
-    laid = 0
-    for segment in segments:
-        buffer = segment.buffer
-        assert buffer is not None
-        room = limit - laid
-        if segment.length <= room:
-            iov.append(buffer)
-            laid += segment.length
+            await self.stop(vring)
+            self._replace_kick(vring, fd)
+            await self.restart(vring)
+        elif request == Request.SET_VRING_CALL:
+            # The worker signals whichever fd is current, so a swap needs no stop.
+            vring.call.replace(fd)
         else:
-            iov.append(buffer[:room])
-            return limit
-    return laid
+            vring.err.replace(fd)
 
+    def _replace_kick(self, vring: Vring, fd: int | None) -> None:
+        if vring.kick_fd is not None:
+            # Only the ring's thread watches it, and the ring is stopped: nothing waits on it.
+            os.close(vring.kick_fd)
+        vring.kick_fd = fd
 
-def clock_reader(clock: trio.abc.Clock) -> tuple[Callable[[], float], float]:
-    """A function reading `clock` from any thread, and what to add to its readings to get
-    the clock's time. trio's own clock is `time.perf_counter` plus a fixed offset: reading
-    that directly saves the request path a Python call."""
-    offset = getattr(clock, "offset", None)
-    if (
-        type(clock).__name__ == "SystemClock"
-        and isinstance(offset, float)
-        and abs(clock.current_time() - offset - time.perf_counter()) < 1.0
-    ):
-        return time.perf_counter, offset
-    return clock.current_time, 0.0
+    # --- vring tasks ---
 
+    def _ready(self, vring: Vring) -> bool:
+        config = self.session.vrings[vring.index]
+        return (
+            self.memory is not None
+            and config.size > 0
+            and config.addr is not None
+            and config.enabled
+            and vring.kick_fd is not None
+            and not vring.broken
+        )
 
-class _Stopped(Exception):
-    """The owning task asked the thread to stop while it waited."""
+    async def restart(self, vring: Vring) -> None:
+        """Bring the vring's task in line with its configuration: stop it, start it if ready."""
+        await self.stop(vring)
+        if not self._ready(vring):
+            return
+        config = self.session.vrings[vring.index]
+        assert self.memory is not None and config.addr is not None
+        try:
+            queue = SplitQueue(
+                self.memory,
+                config.size,
+                config.addr.desc,
+                config.addr.avail,
+                config.addr.used,
+                vring.next_avail,
+                event_idx=self.session.has_feature(VirtioFeatures.RING_EVENT_IDX),
+                indirect=self.session.has_feature(VirtioFeatures.RING_INDIRECT_DESC),
+                notify_on_empty=self.session.has_feature(VirtioFeatures.NOTIFY_ON_EMPTY),
+            )
+        except RingError as exc:
+            raise RequestRejected(f"vring {vring.index} not started: {exc}") from exc
+        await self._nursery.start(self._run_vring, vring, queue)
+        self.vring_starts += 1
+        log.log(
+            logging.INFO if self.vring_starts == 1 else logging.DEBUG,
+            "%svring %d started (size %d, next avail %d)",
+            self.prefix,
+            vring.index,
+            config.size,
+            vring.next_avail,
+        )
+
+    async def _run_vring(
+        self,
+        vring: Vring,
+        queue: SplitQueue,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        assert vring.kick_fd is not None
+        done = vring.done = trio.Event()
+        started = False
+
+        def ready() -> None:
+            # The ring's fds are open: whoever started it (a request's reply) may go on.
+            nonlocal started
+            started = True
+            task_status.started()
+
+        try:
+            with trio.CancelScope() as scope:
+                vring.scope = scope
+                await serve_vring(
+                    queue,
+                    self.source,
+                    self.budget,
+                    vring.kick_fd,
+                    vring.call,
+                    self.incident,
+                    name=f"rngd {self.prefix}vring {vring.index}",
+                    counters=self.counters,
+                    ready=ready,
+                )
+        except RingError as exc:
+            self.incident("vring %d stopped, the guest broke it: %s", vring.index, exc)
+            self.counters.malformed += 1
+            self._break(vring)
+        except GuestMemoryFault as exc:
+            self.incident("vring %d stopped: %s", vring.index, exc)
+            self._break(vring)
+        except EventfdError as exc:
+            self.incident("vring %d stopped: %s", vring.index, exc)
+            vring.broken = True
+        except SourceError as exc:
+            # The source is shared; its failure is the host's problem, not this guest's. Stop
+            # this ring (the VMM can restart it) rather than take the connection down.
+            log.error("%svring %d stopped: %s", self.prefix, vring.index, exc)
+            vring.broken = True
+        except ThreadStartError as exc:
+            # The host is short of fds: the ring waits for the VMM's next word on it (a new
+            # kick fd, an enable) to try again.
+            log.error("%svring %d stopped: %s", self.prefix, vring.index, exc)
+        finally:
+            # Where the ring stands is where a restart must resume. (This run's own Vring: a
+            # RESET_OWNER replaces it, once this task has ended.)
+            vring.next_avail = queue.next_avail
+            queue.release()
+            vring.scope = None
+            done.set()
+            if not started:
+                # It failed to start (logged above): the starter goes on without it.
+                task_status.started()
+
+    def _break(self, vring: Vring) -> None:
+        """Stop the ring until the VMM restarts it, and tell the VMM through the err fd."""
+        vring.broken = True
+        try:
+            vring.err.signal()
+        except EventfdError as exc:
+            self.incident("vring %d: %s", vring.index, exc)
+
+    async def stop(self, vring: Vring) -> None:
+        if vring.scope is None:
+            return
+        vring.scope.cancel()
+        # The task may be between a wake-up and its next checkpoint; wait until it has really
+        # stopped touching the ring before anyone reads next_avail or unmaps memory.
+        await vring.done.wait()

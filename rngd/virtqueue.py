@@ -148,7 +148,7 @@ class SplitQueue:
         # goes a byte at a time (half an update). Element stores need no such care: the used
         # index publishes them.
         # avail: flags, idx, ring[size], used_event
-        # (The ring path in rngd.device reads and writes these views directly.)
+        # (The ring path in rngd.ring reads and writes these views directly.)
         self.avail = avail_bytes.cast("H")
         # used: flags, idx, then {id u32, len u32}[size], then avail_event
         self.used = used_bytes.cast("H")

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from rngd.device import lay_out
 from rngd.memory import GuestMemory, GuestMemoryError
 from rngd.protocol.codec import MessageError, MessageReader, ProtocolError, encode_u64
 from rngd.protocol.constants import (
@@ -57,6 +56,7 @@ from rngd.protocol.session import (
     SetMemTable,
     SetVringFd,
 )
+from rngd.ring import lay_out
 from rngd.source import EntropySource
 from rngd.virtqueue import (
     DESC_F_INDIRECT,

@@ -370,7 +370,7 @@ def incident_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "rngd.backend" and r.levelno >= logging.WARNING
+        if r.name == "rngd.connection" and r.levelno >= logging.WARNING
     ]
 
 

@@ -91,7 +91,7 @@ def incident_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "rngd.backend" and r.levelno == logging.WARNING and text in r.getMessage()
+        if r.name == "rngd.connection" and r.levelno == logging.WARNING and text in r.getMessage()
     ]
 
 

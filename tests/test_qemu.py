@@ -250,7 +250,7 @@ def _powered_off(vm: QemuGuest) -> None:
 
 def _requests(log: str) -> list[tuple[str, int]]:
     """The vhost-user requests in rngd's debug log, in order, with their header flags."""
-    found = re.finditer(r" rngd\.backend: \S+: ([A-Z_]+) flags=(0x[0-9a-f]+) ", log)
+    found = re.finditer(r" rngd\.connection: \S+: ([A-Z_]+) flags=(0x[0-9a-f]+) ", log)
     return [(m.group(1), int(m.group(2), 16)) for m in found]
 
 

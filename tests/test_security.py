@@ -157,7 +157,7 @@ async def test_peer_credentials_logged_on_connect(
 ) -> None:
     """One line per connection, once the features are negotiated: the peer's pid, uid and gid
     with them."""
-    caplog.set_level(logging.INFO, logger="rngd.backend")
+    caplog.set_level(logging.INFO, logger="rngd.connection")
     async with daemon_in_process(os.path.join(workdir, "rng.sock")) as (path,):
         vmm = await Frontend.connect(path)
         async with vmm:
@@ -165,7 +165,7 @@ async def test_peer_credentials_logged_on_connect(
     expected = (
         f"rng.sock0: VMM connected: pid={os.getpid()} uid={os.getuid()} gid={os.getgid()} features="
     )
-    lines = [r.getMessage() for r in caplog.records if r.name == "rngd.backend"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "rngd.connection"]
     assert sum(line.startswith(expected) for line in lines) == 1, lines
 
 

@@ -23,11 +23,12 @@ import pytest
 import trio
 
 from rngd.bandwidth import BandwidthScheduler
-from rngd.device import EventfdError, Notifier, serve_vring
+from rngd.eventfds import EventfdError, VringSignal
 from rngd.incidents import IncidentLog
 from rngd.memory import GuestMemory as MappedMemory
 from rngd.protocol.codec import encode_u64
 from rngd.protocol.constants import Request
+from rngd.ring import serve_vring
 from rngd.source import EntropySource
 from rngd.testing import DaemonProcess, DriverQueue, Frontend, GuestMemory, daemon_process
 from rngd.virtqueue import SplitQueue
@@ -389,7 +390,7 @@ def test_eventfd_max_is_where_writes_block() -> None:
 
 def test_call_fd_whose_reader_is_gone_is_an_eventfd_error() -> None:
     (w,) = pipe_reader_gone("")
-    call = Notifier("call")
+    call = VringSignal("call")
     call.replace(w)
     try:
         with pytest.raises(EventfdError, match="signalling the call fd failed"):
@@ -401,7 +402,7 @@ def test_call_fd_whose_reader_is_gone_is_an_eventfd_error() -> None:
 def test_saturated_non_blocking_call_fd_is_not_an_error() -> None:
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     os.eventfd_write(fd, EVENTFD_MAX)
-    call = Notifier("call")
+    call = VringSignal("call")
     call.replace(fd)
     try:
         call.signal()  # dropped: the VMM has a wake-up pending anyway
@@ -438,7 +439,7 @@ async def test_kick_fd_at_eof_stops_the_ring(
                         source,
                         BandwidthScheduler(None, 1.0, 1).guest(0),
                         fds[0],
-                        Notifier("call"),
+                        VringSignal("call"),
                         IncidentLog(logging.getLogger("rngd.test"), ""),
                         name="rngd test vring",
                     )
