@@ -89,7 +89,7 @@ async def serve_vring(
     epoll = worker.open_epoll()
     try:
         if counters is not None:
-            counters.ring_started(worker)
+            counters.ring_started(worker.counts)
         try:
             await run_owned_thread(worker.run, name=name, on_stop=stop, ready=ready)
         finally:
@@ -97,18 +97,17 @@ async def serve_vring(
             if worker.credit and trio.current_time() < worker.credit_until:
                 budget.refund(worker.credit)
             if counters is not None:
-                counters.ring_stopped(worker)
+                counters.ring_stopped(worker.counts)
     finally:
         # The thread has returned (or never started): nothing waits on it any more.
         epoll.close()
 
 
-class VringWorker(RingCounters):
+class VringWorker:
     """The thread side of one vring. `run` is the whole request path.
 
-    It counts what it does in its `RingCounters` attributes, plain ints it alone writes
-    (`_grant`, which counts the parking, runs while the thread waits for it); the trio side
-    only reads them.
+    It counts what it does in `counts`, plain ints it alone writes (`_grant`, which counts
+    the parking, runs while the thread waits for it); the trio side only reads them.
     """
 
     def __init__(
@@ -120,7 +119,7 @@ class VringWorker(RingCounters):
         call: VringSignal,
         incident: IncidentLog,
     ) -> None:
-        super().__init__()
+        self.counts = RingCounters()
         self.queue = queue
         self.source = source
         self.budget = budget
@@ -217,6 +216,7 @@ class VringWorker(RingCounters):
             readinto = io.FileIO(source.direct_fd, closefd=False).readinto
         clock = self.clock_reader
         unlimited = self.unlimited
+        counts = self.counts
         while True:
             # (The used index always equals the avail index consumed: requests are completed
             # in order, and none is kept across a stop.)
@@ -248,8 +248,8 @@ class VringWorker(RingCounters):
                 start = queue.next_used = queue.next_avail = (start + 1) & 0xFFFF
                 if not unlimited:
                     self.credit -= count
-                self.requests += 1
-                self.bytes += count
+                counts.requests += 1
+                counts.bytes += count
                 if not stores_ordered:
                     release()  # the element before the index that publishes it
                     acquire()
@@ -284,7 +284,7 @@ class VringWorker(RingCounters):
                             raise EventfdError(
                                 f"signalling the call fd failed: {exc.strerror}"
                             ) from exc
-                    self.interrupts += 1
+                    counts.interrupts += 1
                 queue.signalled_used = start
             if not empty or avail[1] != start:
                 if self.stopping:
@@ -296,7 +296,7 @@ class VringWorker(RingCounters):
                     return
                 if events & _EPOLL_TROUBLE:
                     raise EventfdError(f"kick fd reports poll events {events:#x}")
-                self.kicks += 1
+                counts.kicks += 1
 
     def serve_without_event_idx(
         self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int
@@ -317,14 +317,14 @@ class VringWorker(RingCounters):
                         return
                     if events & _EPOLL_TROUBLE:
                         raise EventfdError(f"kick fd reports poll events {events:#x}")
-                    self.kicks += 1
+                    self.counts.kicks += 1
         raise _Stopped
 
     def flush(self) -> None:
         """Publish the completions made so far; interrupt the guest if it wants to hear."""
         if self.queue.publish():
             self.call.signal()
-            self.interrupts += 1
+            self.counts.interrupts += 1
 
     def serve_batch(self, pending: int) -> None:
         """Serve up to `pending` requests (fewer if the budget or a batch's bounds say so)."""
@@ -338,27 +338,26 @@ class VringWorker(RingCounters):
             lengths = list(map(_FIRST, found))
             total = sum(lengths)
             if total <= MAX_BATCH_BYTES and (self.unlimited or self.take_credit(total) == total):
-                iov = list(map(_SECOND, found))
-                count = self.source.read(iov)
-                if count <= 0:
-                    count = self.wait_for_source(iov, count)
-                if count < total:
-                    lengths = _fills(lengths, count)  # a short read: the rest wait
-                queue.put_used_many(heads, lengths)
-                if not self.unlimited:
-                    self.credit -= count
-                self.bytes += count
-                self.requests += len(lengths)
+                self.fill(heads, list(map(_SECOND, found)), lengths, total)
                 return
         # Anything else, a step at a time.
         self.serve_chains(heads)
 
     def serve_chains(self, heads: list[int]) -> None:
         """`serve_batch` for requests that are not all plain buffers seen before, or more
-        than a batch's bounds or the credit let through at once."""
-        queue = self.queue
-        chain_of = queue.chain
-        # 1. Walk the chains, in order: what each may take.
+        than a batch's bounds or the credit let through at once: walk the chains, take one
+        grant for all of them, lay out what it covers, fill."""
+        chains, total = self.walk(heads)
+        want = total if total < MAX_BATCH_BYTES else MAX_BATCH_BYTES
+        credit = want if self.unlimited or not want else self.take_credit(want)
+        iov: list[memoryview] = []
+        takes = lay_out_batch(chains, credit, iov)
+        self.fill(heads, iov, takes, sum(takes))
+
+    def walk(self, heads: list[int]) -> tuple[list[list[Segment] | None], int]:
+        """The chains of `heads`, in order, as far as a batch's bytes go, and their bytes.
+        A chain the guest broke is None: it is refused (completed empty) with one line."""
+        chain_of = self.queue.chain
         chains: list[list[Segment] | None] = []
         total = 0
         for head in heads:
@@ -366,54 +365,30 @@ class VringWorker(RingCounters):
                 chain = chain_of(head)
             except ChainError as exc:
                 self.incident("request %d refused, completed empty: %s", head, exc)
-                self.malformed += 1
+                self.counts.malformed += 1
                 chains.append(None)
                 continue
             chains.append(chain)
             total += chain[0].length if len(chain) == 1 else sum(s.length for s in chain)
             if total >= MAX_BATCH_BYTES:
                 break
-        # 2. One grant for the batch (none to ask for without a limit).
-        want = total if total < MAX_BATCH_BYTES else MAX_BATCH_BYTES
-        credit = want if self.unlimited or not want else self.take_credit(want)
-        # 3. Lay out the buffers as far as the credit and readv's limit go.
-        iov: list[memoryview] = []
-        takes: list[int] = []
-        for segments in chains:
-            if segments is None:
-                takes.append(0)
-                continue
-            limit = credit if credit < MAX_REQUEST_BYTES else MAX_REQUEST_BYTES
-            if limit == 0:
-                break
-            if len(segments) == 1 and segments[0].length <= limit:
-                # The common request, one buffer that fits, without a call.
-                segment = segments[0]
-                assert segment.buffer is not None
-                iov.append(segment.buffer)
-                laid = segment.length
-            else:
-                room = _IOV_MAX - len(iov)
-                if len(segments) > room:
-                    if iov:
-                        break
-                    # A chain longer than readv takes is filled as far as its first buffers go.
-                    segments = segments[:room]
-                laid = lay_out(segments, limit, iov)
-            credit -= laid
-            takes.append(laid)
-        # 4. One read for all of them, then the used elements in order.
+        return chains, total
+
+    def fill(self, heads: list[int], iov: list[memoryview], takes: list[int], total: int) -> None:
+        """One read into `iov` (`total` bytes laid out as `takes`, per request of `heads`),
+        then the used elements, in order, of the requests it reached."""
         count = 0
         if iov:
             count = self.source.read(iov)
             if count <= 0:
                 count = self.wait_for_source(iov, count)
+        if count < total:
+            takes = _fills(takes, count)  # a short read: the rest wait
+        self.queue.put_used_many(heads, takes)
         if not self.unlimited:
             self.credit -= count
-        self.bytes += count
-        lengths = _fills(takes, count)
-        queue.put_used_many(heads, lengths)
-        self.requests += len(lengths)
+        self.counts.bytes += count
+        self.counts.requests += len(takes)
 
     def take_credit(self, want: int) -> int:
         """Up to `want` bytes of budget: from the credit held, topped up from the scheduler
@@ -447,8 +422,8 @@ class VringWorker(RingCounters):
             try:
                 granted = await budget.acquire(want)
             finally:
-                self.parked += trio.current_time() - parked_at
-            self.held_back += granted
+                self.counts.parked += trio.current_time() - parked_at
+            self.counts.held_back += granted
             until = budget.window_end()
         return granted, until
 
@@ -487,6 +462,39 @@ def _fills(lengths: list[int], count: int) -> list[int]:
         count -= written
         fills.append(written)
     return fills
+
+
+def lay_out_batch(
+    chains: list[list[Segment] | None], credit: int, iov: list[memoryview]
+) -> list[int]:
+    """Append views of the chains' buffers to `iov`, as far as `credit` and readv's limit
+    go; return how many bytes each request (in order, up to the first left out) may take.
+    A refused chain (None) takes 0."""
+    takes: list[int] = []
+    for segments in chains:
+        if segments is None:
+            takes.append(0)
+            continue
+        limit = credit if credit < MAX_REQUEST_BYTES else MAX_REQUEST_BYTES
+        if limit == 0:
+            break
+        if len(segments) == 1 and segments[0].length <= limit:
+            # The common request, one buffer that fits, without a call.
+            segment = segments[0]
+            assert segment.buffer is not None
+            iov.append(segment.buffer)
+            laid = segment.length
+        else:
+            room = _IOV_MAX - len(iov)
+            if len(segments) > room:
+                if iov:
+                    break
+                # A chain longer than readv takes is filled as far as its first buffers go.
+                segments = segments[:room]
+            laid = lay_out(segments, limit, iov)
+        credit -= laid
+        takes.append(laid)
+    return takes
 
 
 def lay_out(segments: list[Segment], limit: int, iov: list[memoryview]) -> int:
