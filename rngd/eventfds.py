@@ -18,7 +18,7 @@ class VringSignal:
     """A vring's call (or err) eventfd, signalled by the worker thread and replaced by the
     protocol task (QEMU sends SET_VRING_CALL several times while a ring runs).
 
-    The thread writes to one fd number for the notifier's whole life, `fd`, and a replacement
+    The thread writes to one fd number for the signal's whole life, `_fd`, and a replacement
     is `os.dup2` onto that number, which the kernel does atomically: a signal goes to the old
     eventfd or the new one, never to a number that was closed and handed to something else.
     So the signal path takes no lock, and a VMM that makes its eventfd blocking can stall at
@@ -28,8 +28,8 @@ class VringSignal:
     def __init__(self, what: str) -> None:
         self.what = what
         #: The number the thread writes to (None until the VMM gives one).
-        self.fd: int | None = None
-        #: `write` of a file object on `fd` (None with it), read by the thread on every
+        self._fd: int | None = None
+        #: `write` of a file object on `_fd` (None with it), read by the thread on every
         #: signal: it only ever changes from None to a function while a ring runs. It costs
         #: less than `os.write` and answers EAGAIN (a saturated counter) with None, where
         #: `os.write` raises.
@@ -37,10 +37,10 @@ class VringSignal:
 
     def replace(self, fd: int | None) -> None:
         """Signal `fd` from now on (None: nothing). Takes ownership of `fd`: it is closed here,
-        its description kept at `self.fd`, which the previous one's number goes on naming."""
-        if self.fd is None:
+        its description kept at `self._fd`, which the previous one's number goes on naming."""
+        if self._fd is None:
             if fd is not None:
-                self.fd = fd
+                self._fd = fd
                 self.write = io.FileIO(fd, "w", closefd=False).write
             return
         if fd is None:
@@ -53,16 +53,16 @@ class VringSignal:
             except OSError:
                 return
         try:
-            os.dup2(fd, self.fd, inheritable=False)
+            os.dup2(fd, self._fd, inheritable=False)
         finally:
             os.close(fd)
 
     def close(self) -> None:
         """Close the fd (once no thread can signal it: every ring stopped)."""
-        if self.fd is not None:
+        if self._fd is not None:
             self.write = None
-            os.close(self.fd)
-            self.fd = None
+            os.close(self._fd)
+            self._fd = None
 
     def signal(self) -> None:
         write = self.write

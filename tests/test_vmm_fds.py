@@ -396,7 +396,7 @@ def test_call_fd_whose_reader_is_gone_is_an_eventfd_error() -> None:
         with pytest.raises(EventfdError, match="signalling the call fd failed"):
             call.signal()
     finally:
-        call.replace(None)
+        call.close()
 
 
 def test_saturated_non_blocking_call_fd_is_not_an_error() -> None:
@@ -408,7 +408,7 @@ def test_saturated_non_blocking_call_fd_is_not_an_error() -> None:
         call.signal()  # dropped: the VMM has a wake-up pending anyway
         assert os.eventfd_read(fd) == EVENTFD_MAX
     finally:
-        call.replace(None)
+        call.close()
 
 
 @pytest.mark.parametrize(
