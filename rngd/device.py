@@ -38,7 +38,7 @@ from rngd.protocol.session import (
     SetVringFd,
     VringChanged,
 )
-from rngd.ring import serve_vring
+from rngd.ring import VringWorker, serve_vring
 from rngd.source import EntropySource, GuestMemoryFault, SourceError
 from rngd.threads import ThreadStartError
 from rngd.virtqueue import RingError, SplitQueue
@@ -330,13 +330,11 @@ class Device:
         try:
             with trio.CancelScope() as scope:
                 vring.scope = scope
+                worker = VringWorker(
+                    queue, self.source, self.budget, vring.kick_fd, vring.call, self.incident
+                )
                 await serve_vring(
-                    queue,
-                    self.source,
-                    self.budget,
-                    vring.kick_fd,
-                    vring.call,
-                    self.incident,
+                    worker,
                     name=f"rngd {self.prefix}vring {vring.index}",
                     counters=self.counters,
                     ready=ready,

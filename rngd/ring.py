@@ -57,18 +57,14 @@ _EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 
 
 async def serve_vring(
-    queue: SplitQueue,
-    source: EntropySource,
-    budget: Budget,
-    kick_fd: int,
-    call: VringSignal,
-    incident: IncidentLog,
+    worker: VringWorker,
     *,
     name: str,
     counters: ConnectionCounters | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
-    """The kick-handler task of one vring: serve it in a worker thread until cancelled.
+    """The kick-handler task of one vring: serve it with `worker` in a thread of its own
+    until cancelled.
 
     `ready` is called once the ring's fds (its epoll, the thread's stop eventfd) are open and
     its kick fd is watched, so that a start reported from there is complete: nothing fails
@@ -80,8 +76,6 @@ async def serve_vring(
     Raises what stops the ring for good: RingError (the guest broke it), EventfdError,
     GuestMemoryFault, SourceError, ThreadStartError.
     """
-    worker = VringWorker(queue, source, budget, kick_fd, call, incident)
-    worker.unlimited = budget.window_end() == math.inf
 
     def stop() -> None:
         worker.stopping = True
@@ -95,7 +89,7 @@ async def serve_vring(
         finally:
             # Credit of the current window the thread did not use goes back to the others.
             if worker.credit and trio.current_time() < worker.credit_until:
-                budget.refund(worker.credit)
+                worker.budget.refund(worker.credit)
             if counters is not None:
                 counters.ring_stopped(worker.counts)
     finally:
@@ -133,8 +127,8 @@ class VringWorker:
         #: time), that is until `clock_reader()` reaches `deadline`.
         self.credit = 0
         self.credit_until = self.deadline = -math.inf
-        #: No rate limit: credit is never asked for (set by the owning task, from trio).
-        self.unlimited = False
+        #: No rate limit: credit is never asked for.
+        self.unlimited = budget.window_end() == math.inf
         #: Set by the owning task when it is cancelled (before the stop fd is signalled), so
         #: that a ring kept full stops between two batches.
         self.stopping = False

@@ -28,7 +28,7 @@ from rngd.incidents import IncidentLog
 from rngd.memory import GuestMemory as MappedMemory
 from rngd.protocol.codec import encode_u64
 from rngd.protocol.constants import Request
-from rngd.ring import serve_vring
+from rngd.ring import VringWorker, serve_vring
 from rngd.source import EntropySource
 from rngd.testing import DaemonProcess, DriverQueue, Frontend, GuestMemory, daemon_process
 from rngd.virtqueue import SplitQueue
@@ -434,15 +434,15 @@ async def test_kick_fd_at_eof_stops_the_ring(
             )
             try:
                 with trio.fail_after(STEP), pytest.raises(EventfdError, match=error):
-                    await serve_vring(
+                    worker = VringWorker(
                         queue,
                         source,
                         BandwidthScheduler(None, 1.0, 1).guest(0),
                         fds[0],
                         VringSignal("call"),
                         IncidentLog(logging.getLogger("rngd.test"), ""),
-                        name="rngd test vring",
                     )
+                    await serve_vring(worker, name="rngd test vring")
             finally:
                 queue.release()
                 memory.close()
