@@ -35,7 +35,7 @@ STARTUP_BYTES = 1024
 #: (the Linux virtio-rng driver declares quality 1000 of 1024), so a healthy device is far
 #: above it; a source that falls below it alarms.
 DEFAULT_MIN_ENTROPY = 4.0
-#: log2 of the false-alarm probability per test (alpha = 2^-70); see README "Source health".
+#: log2 of the false-alarm probability per test (alpha = 2^-70); see docs/health.md.
 DEFAULT_ALPHA_LOG2 = -70
 #: The persistent-failure rule: this many failed windows among the last `FAIL_SPAN` windows
 #: tested declare the source failed.

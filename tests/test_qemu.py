@@ -381,7 +381,7 @@ def test_guest_with_more_than_8_memory_regions(
     SET_MEM_TABLE carries. QEMU sees CONFIGURE_MEM_SLOTS offered, asks GET_MAX_MEM_SLOTS and
     sends the regions one by one (ADD_MEM_REG); the guest boots and reads /dev/hwrng.
     (Against vhost-device-rng, which has no CONFIGURE_MEM_SLOTS, QEMU refuses to start this
-    guest: "a used vhost backend has no free memory slots left"; see the README.)"""
+    guest: "a used vhost backend has no free memory slots left"; see docs/protocol.md.)"""
     rngd = start_rngd(extra=["--log-level", "debug"])
     vm = boot(rngd.sockets, bytes_to_read=64 * 1024, dimms=10)
     report = _report(vm)

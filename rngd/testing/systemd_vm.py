@@ -715,7 +715,7 @@ def inside(payload: Path) -> int:
             checks.info(f"aclhost (PrivateUsers=no): uid {VMM_UID} {vmm_host_said}")
             checks.check(
                 "allow-uid",
-                # What the README says: under PrivateUsers=yes a VMM of uid 1000 reaches rngd
+                # What docs/security.md says: under PrivateUsers=yes a VMM of uid 1000 reaches rngd
                 # as 65534 and is refused; with PrivateUsers=no it is let in.
                 not root_acl and not root_host and not vmm_acl and "65534" in seen and vmm_host,
                 f"--allow-uid {VMM_UID}: root refused; uid {VMM_UID} "
