@@ -375,21 +375,23 @@ class SplitQueue:
 
     def publish(self) -> bool:
         """`publish_used`, then whether the driver wants an interrupt for what it now sees.
-        (The steps are written out: this is on the path of every request.)"""
-        new = self.next_used
-        if self.published_used != new:
-            if not STORES_ORDERED:
-                self.fence()
-            self.used[1] = self.published_used = new
-        if self.signalled_used == new:
+        (Per request on a ring without EVENT_IDX: the decision is written out here.)"""
+        self.publish_used()
+        old, new = self.signalled_used, self.next_used
+        if old == new:
             return False
         self.fence()  # used idx must be visible before we read the driver's suppression state
-        return self._interrupt_wanted()
-
-    def complete(self, head: int, length: int) -> None:
-        """`put_used` and `publish_used` in one."""
-        self.put_used(head, length)
-        self.publish_used()
+        if self.event_idx:
+            used_event: int = self.avail[self.used_event_slot]
+            # vring_need_event(): did `new` pass the index the driver asked to hear about?
+            wanted = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        else:
+            flags: int = self.avail[0]
+            wanted = not flags & AVAIL_F_NO_INTERRUPT
+            if self.notify_on_empty and not wanted:
+                wanted = self.avail[1] == self.next_avail
+        self.signalled_used = new
+        return wanted
 
     def arm(self) -> bool:
         """Ask the driver to kick for what comes after `next_avail`; True if more came already.
@@ -402,24 +404,3 @@ class SplitQueue:
             self.used[self.avail_event_slot] = self.next_avail
             self.fence()
         return self.pending() > 0
-
-    def needs_interrupt(self) -> bool:
-        """Whether the completions published since the last interrupt should be signalled."""
-        self.fence()  # used idx must be visible before we read the driver's suppression state
-        return self._interrupt_wanted()
-
-    def _interrupt_wanted(self) -> bool:
-        old, new = self.signalled_used, self.next_used
-        if old == new:
-            return False
-        if self.event_idx:
-            used_event: int = self.avail[self.used_event_slot]
-            # vring_need_event(): did `new` pass the index the driver asked to hear about?
-            wanted = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        else:
-            flags: int = self.avail[0]
-            wanted = not flags & AVAIL_F_NO_INTERRUPT
-            if self.notify_on_empty and not wanted:
-                wanted = self.avail[1] == self.next_avail
-        self.signalled_used = new
-        return wanted
