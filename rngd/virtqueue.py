@@ -47,6 +47,12 @@ class RingError(Exception):
     """The ring is broken; stop processing it."""
 
 
+def _bad_head(head: int, size: int) -> RingError:
+    """The error for a head index out of range: built only on that branch, so the hot
+    paths keep their comparison inline."""
+    return RingError(f"avail ring names descriptor {head}, queue size {size}")
+
+
 #: Hosts whose memory model the fence below is argued for.
 _FENCED_MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
 if platform.machine().lower() not in _FENCED_MACHINES:  # pragma: no cover
@@ -214,10 +220,7 @@ class SplitQueue:
 
     def head(self) -> int:
         """Descriptor index of the next request (call only when `pending()`)."""
-        head: int = self.avail[2 + self.next_avail % self.size]
-        if head >= self.size:
-            raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
-        return head
+        return self.heads(1)[0]
 
     def heads(self, count: int) -> list[int]:
         """Descriptor indices of the next `count` requests (call only for `count <= pending()`),
@@ -225,7 +228,7 @@ class SplitQueue:
         if count == 1:
             head: int = self.avail[2 + self.next_avail % self.size]
             if head >= self.size:
-                raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
+                raise _bad_head(head, self.size)
             return [head]
         start = 2 + self.next_avail % self.size
         end = start + count
@@ -237,7 +240,7 @@ class SplitQueue:
         if max(heads) >= self.size:
             bad = next(i for i, head in enumerate(heads) if head >= self.size)
             if bad == 0:
-                raise RingError(f"avail ring names descriptor {heads[0]}, queue size {self.size}")
+                raise _bad_head(heads[0], self.size)
             del heads[bad:]
         return heads
 
