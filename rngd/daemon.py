@@ -228,11 +228,7 @@ class Daemon:
                 log.info("%s: serving the connected socket (%s)", name, describe(peer))
                 sock = trio.socket.from_stdlib_socket(self.connected)
                 connection = Connection(sock, name, self.source, self.scheduler.guest(0), peer=peer)
-                self.connections.add(connection)
-                try:
-                    await connection.run()
-                finally:
-                    self.connections.discard(connection)
+                await serve_connection(connection, self.connections)
                 root.cancel_scope.cancel()
                 return
             for index, listener in enumerate(self.listeners):
@@ -304,6 +300,24 @@ async def serve(
         await daemon.serve(task_status=task_status)
     finally:
         daemon.close()
+
+
+async def serve_connection(
+    connection: Connection,
+    connections: set[Connection],
+    on_guests: Callable[[int], None] | None = None,
+) -> None:
+    """Serve `connection` until it ends (a socket's VMM, or the one of `--fd`), registered
+    in `connections` meanwhile (for SIGUSR1); `on_guests` is told +1, then -1 at the end."""
+    connections.add(connection)
+    if on_guests is not None:
+        on_guests(1)
+    try:
+        await connection.run()
+    finally:
+        connections.discard(connection)
+        if on_guests is not None:
+            on_guests(-1)
 
 
 Accept = Callable[[], Awaitable[trio.socket.SocketType]]
@@ -441,18 +455,11 @@ class SocketServer:
                 connection = Connection(
                     served.sock, self.name, self.source, self.budget, peer=served.peer
                 )
-                self.connections.add(connection)
-                if self.on_guests is not None:
-                    self.on_guests(1)
                 try:
-                    await connection.run()
+                    await serve_connection(connection, self.connections, self.on_guests)
                 except Exception:
                     # A bug must cost one connection, never the daemon and its other guests.
                     log.exception("%s: connection failed; accepting the next VMM", self.name)
-                finally:
-                    self.connections.discard(connection)
-                    if self.on_guests is not None:
-                        self.on_guests(-1)
             finally:
                 if self.current is served:
                     self.current = None
