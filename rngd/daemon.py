@@ -279,8 +279,14 @@ class Daemon:
         for connection in connections:
             log.info("%sserving: %s", connection.prefix, connection.summary())
 
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Remove the socket files and close the source."""
+        """Remove the socket files and close the source (leaving a `with` block does)."""
         for listener in self.listeners:
             listener.remove()
         if self.connected is not None:
@@ -295,11 +301,8 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a daemon for `config` until cancelled (the in-process entry point tests use)."""
-    daemon = Daemon(config)
-    try:
+    with Daemon(config) as daemon:
         await daemon.serve(task_status=task_status)
-    finally:
-        daemon.close()
 
 
 async def serve_connection(
@@ -495,27 +498,25 @@ async def _report_on(reports: AsyncIterator[int], daemon: Daemon) -> None:
 
 
 async def run(daemon: Daemon) -> None:
-    """Serve until SIGINT or SIGTERM, then clean up; log the counters on SIGUSR1."""
-    try:
-        with (
-            trio.open_signal_receiver(*STOP_SIGNALS) as signals,
-            trio.open_signal_receiver(REPORT_SIGNAL) as reports,
-        ):
-            # Any signal held since the sockets were created is delivered now, to a receiver.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
-            async with trio.open_nursery() as nursery:
+    """Serve until SIGINT or SIGTERM; log the counters on SIGUSR1. (The caller closes
+    `daemon`: see `rngd.cli`.)"""
+    with (
+        trio.open_signal_receiver(*STOP_SIGNALS) as signals,
+        trio.open_signal_receiver(REPORT_SIGNAL) as reports,
+    ):
+        # Any signal held since the sockets were created is delivered now, to a receiver.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        async with trio.open_nursery() as nursery:
 
-                async def serve_then_stop() -> None:
-                    await daemon.serve()  # returns only when a --fd connection ends
-                    daemon.notifier.notify("STOPPING=1")
-                    nursery.cancel_scope.cancel()
+            async def serve_then_stop() -> None:
+                await daemon.serve()  # returns only when a --fd connection ends
+                daemon.notifier.notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
 
-                nursery.start_soon(serve_then_stop)
-                nursery.start_soon(_report_on, reports, daemon)
-                async for signum in signals:
-                    log.info("%s received, shutting down", signal.Signals(signum).name)
-                    daemon.notifier.notify("STOPPING=1")
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
-        daemon.close()
+            nursery.start_soon(serve_then_stop)
+            nursery.start_soon(_report_on, reports, daemon)
+            async for signum in signals:
+                log.info("%s received, shutting down", signal.Signals(signum).name)
+                daemon.notifier.notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
+                break
