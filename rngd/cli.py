@@ -195,15 +195,12 @@ def run(
         health_tests=health_tests,
     )
     block_stop_signals()
-    daemon = Daemon(config)
-    # Everything made so far (the interpreter's, trio's, typer's objects) lives as long as the
-    # daemon: keep it out of the collector's full passes, which would otherwise walk all of it
-    # now and then in the middle of some guest's request.
-    gc.freeze()
-    try:
+    with Daemon(config) as daemon:
+        # Everything made so far (the interpreter's, trio's, typer's objects) lives as long as
+        # the daemon: keep it out of the collector's full passes, which would otherwise walk all
+        # of it now and then in the middle of some guest's request.
+        gc.freeze()
         trio.run(run_daemon, daemon)
-    finally:
-        daemon.close()
 
 
 def main(argv: list[str] | None = None) -> int:

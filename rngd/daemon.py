@@ -227,11 +227,7 @@ class Daemon:
                 log.info("%s: serving the connected socket (%s)", name, describe(peer))
                 sock = trio.socket.from_stdlib_socket(self.connected)
                 connection = Connection(sock, name, self.source, self.scheduler.guest(0), peer=peer)
-                self.connections.add(connection)
-                try:
-                    await connection.run()
-                finally:
-                    self.connections.discard(connection)
+                await serve_connection(connection, self.connections)
                 root.cancel_scope.cancel()
                 return
             for index, listener in enumerate(self.listeners):
@@ -282,8 +278,14 @@ class Daemon:
         for connection in connections:
             log.info("%sserving: %s", connection.prefix, connection.summary())
 
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Remove the socket files and close the source."""
+        """Remove the socket files and close the source (leaving a `with` block does)."""
         for listener in self.listeners:
             listener.remove()
         if self.connected is not None:
@@ -298,11 +300,26 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a daemon for `config` until cancelled (the in-process entry point tests use)."""
-    daemon = Daemon(config)
-    try:
+    with Daemon(config) as daemon:
         await daemon.serve(task_status=task_status)
+
+
+async def serve_connection(
+    connection: Connection,
+    connections: set[Connection],
+    on_guests: Callable[[int], None] | None = None,
+) -> None:
+    """Serve `connection` until it ends (a socket's VMM, or the one of `--fd`), registered
+    in `connections` meanwhile (for SIGUSR1); `on_guests` is told +1, then -1 at the end."""
+    connections.add(connection)
+    if on_guests is not None:
+        on_guests(1)
+    try:
+        await connection.run()
     finally:
-        daemon.close()
+        connections.discard(connection)
+        if on_guests is not None:
+            on_guests(-1)
 
 
 Accept = Callable[[], Awaitable[trio.socket.SocketType]]
@@ -440,18 +457,11 @@ class SocketServer:
                 connection = Connection(
                     served.sock, self.name, self.source, self.budget, peer=served.peer
                 )
-                self.connections.add(connection)
-                if self.on_guests is not None:
-                    self.on_guests(1)
                 try:
-                    await connection.run()
+                    await serve_connection(connection, self.connections, self.on_guests)
                 except Exception:
                     # A bug must cost one connection, never the daemon and its other guests.
                     log.exception("%s: connection failed; accepting the next VMM", self.name)
-                finally:
-                    self.connections.discard(connection)
-                    if self.on_guests is not None:
-                        self.on_guests(-1)
             finally:
                 if self.current is served:
                     self.current = None
@@ -487,27 +497,25 @@ async def _report_on(reports: AsyncIterator[int], daemon: Daemon) -> None:
 
 
 async def run(daemon: Daemon) -> None:
-    """Serve until SIGINT or SIGTERM, then clean up; log the counters on SIGUSR1."""
-    try:
-        with (
-            trio.open_signal_receiver(*STOP_SIGNALS) as signals,
-            trio.open_signal_receiver(REPORT_SIGNAL) as reports,
-        ):
-            # Any signal held since the sockets were created is delivered now, to a receiver.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
-            async with trio.open_nursery() as nursery:
+    """Serve until SIGINT or SIGTERM; log the counters on SIGUSR1. (The caller closes
+    `daemon`: see `rngd.cli`.)"""
+    with (
+        trio.open_signal_receiver(*STOP_SIGNALS) as signals,
+        trio.open_signal_receiver(REPORT_SIGNAL) as reports,
+    ):
+        # Any signal held since the sockets were created is delivered now, to a receiver.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        async with trio.open_nursery() as nursery:
 
-                async def serve_then_stop() -> None:
-                    await daemon.serve()  # returns only when a --fd connection ends
-                    daemon.notifier.notify("STOPPING=1")
-                    nursery.cancel_scope.cancel()
+            async def serve_then_stop() -> None:
+                await daemon.serve()  # returns only when a --fd connection ends
+                daemon.notifier.notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
 
-                nursery.start_soon(serve_then_stop)
-                nursery.start_soon(_report_on, reports, daemon)
-                async for signum in signals:
-                    log.info("%s received, shutting down", signal.Signals(signum).name)
-                    daemon.notifier.notify("STOPPING=1")
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
-        daemon.close()
+            nursery.start_soon(serve_then_stop)
+            nursery.start_soon(_report_on, reports, daemon)
+            async for signum in signals:
+                log.info("%s received, shutting down", signal.Signals(signum).name)
+                daemon.notifier.notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
+                break

@@ -47,6 +47,12 @@ class RingError(Exception):
     """The ring is broken; stop processing it."""
 
 
+def _bad_head(head: int, size: int) -> RingError:
+    """The error for a head index out of range: built only on that branch, so the hot
+    paths keep their comparison inline."""
+    return RingError(f"avail ring names descriptor {head}, queue size {size}")
+
+
 #: Hosts whose memory model the fence below is argued for.
 _FENCED_MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
 if platform.machine().lower() not in _FENCED_MACHINES:  # pragma: no cover
@@ -214,10 +220,7 @@ class SplitQueue:
 
     def head(self) -> int:
         """Descriptor index of the next request (call only when `pending()`)."""
-        head: int = self.avail[2 + self.next_avail % self.size]
-        if head >= self.size:
-            raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
-        return head
+        return self.heads(1)[0]
 
     def heads(self, count: int) -> list[int]:
         """Descriptor indices of the next `count` requests (call only for `count <= pending()`),
@@ -225,7 +228,7 @@ class SplitQueue:
         if count == 1:
             head: int = self.avail[2 + self.next_avail % self.size]
             if head >= self.size:
-                raise RingError(f"avail ring names descriptor {head}, queue size {self.size}")
+                raise _bad_head(head, self.size)
             return [head]
         start = 2 + self.next_avail % self.size
         end = start + count
@@ -237,7 +240,7 @@ class SplitQueue:
         if max(heads) >= self.size:
             bad = next(i for i, head in enumerate(heads) if head >= self.size)
             if bad == 0:
-                raise RingError(f"avail ring names descriptor {heads[0]}, queue size {self.size}")
+                raise _bad_head(heads[0], self.size)
             del heads[bad:]
         return heads
 
@@ -375,21 +378,23 @@ class SplitQueue:
 
     def publish(self) -> bool:
         """`publish_used`, then whether the driver wants an interrupt for what it now sees.
-        (The steps are written out: this is on the path of every request.)"""
-        new = self.next_used
-        if self.published_used != new:
-            if not STORES_ORDERED:
-                self.fence()
-            self.used[1] = self.published_used = new
-        if self.signalled_used == new:
+        (Per request on a ring without EVENT_IDX: the decision is written out here.)"""
+        self.publish_used()
+        old, new = self.signalled_used, self.next_used
+        if old == new:
             return False
         self.fence()  # used idx must be visible before we read the driver's suppression state
-        return self._interrupt_wanted()
-
-    def complete(self, head: int, length: int) -> None:
-        """`put_used` and `publish_used` in one."""
-        self.put_used(head, length)
-        self.publish_used()
+        if self.event_idx:
+            used_event: int = self.avail[self.used_event_slot]
+            # vring_need_event(): did `new` pass the index the driver asked to hear about?
+            wanted = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        else:
+            flags: int = self.avail[0]
+            wanted = not flags & AVAIL_F_NO_INTERRUPT
+            if self.notify_on_empty and not wanted:
+                wanted = self.avail[1] == self.next_avail
+        self.signalled_used = new
+        return wanted
 
     def arm(self) -> bool:
         """Ask the driver to kick for what comes after `next_avail`; True if more came already.
@@ -402,24 +407,3 @@ class SplitQueue:
             self.used[self.avail_event_slot] = self.next_avail
             self.fence()
         return self.pending() > 0
-
-    def needs_interrupt(self) -> bool:
-        """Whether the completions published since the last interrupt should be signalled."""
-        self.fence()  # used idx must be visible before we read the driver's suppression state
-        return self._interrupt_wanted()
-
-    def _interrupt_wanted(self) -> bool:
-        old, new = self.signalled_used, self.next_used
-        if old == new:
-            return False
-        if self.event_idx:
-            used_event: int = self.avail[self.used_event_slot]
-            # vring_need_event(): did `new` pass the index the driver asked to hear about?
-            wanted = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        else:
-            flags: int = self.avail[0]
-            wanted = not flags & AVAIL_F_NO_INTERRUPT
-            if self.notify_on_empty and not wanted:
-                wanted = self.avail[1] == self.next_avail
-        self.signalled_used = new
-        return wanted

@@ -55,9 +55,9 @@ from rngd.testing.qemu import (
     RngdOptions,
     choose_accel,
     find_qemu,
-    main,
     qemu_command,
 )
+from rngd.testing.qemu_cli import main
 
 pytestmark = pytest.mark.qemu
 

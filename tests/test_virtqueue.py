@@ -112,10 +112,12 @@ def test_chain_across_regions_and_indirect(memory: GuestMemory) -> None:
     post(memory, 0, 1)
     assert q.pending() == 2
     assert q.chain(q.head()) == [Segment(0x4000, 64), Segment(GPA2 + 0x100, 32)]
-    q.complete(0, 96)
+    q.put_used(0, 96)
     assert q.chain(q.head()) == [Segment(0x6000, 8), Segment(GPA2 + 0x200, 24)]
-    q.complete(1, 32)
+    q.put_used(1, 32)
     assert q.pending() == 0
+    assert peek(memory, USED + 2, "<H") == (0,)  # put, not yet published
+    q.publish_used()
     assert peek(memory, USED + 2, "<H") == (2,)
     assert peek(memory, USED + 4, "<IIII") == (0, 96, 1, 32)
 
@@ -171,12 +173,14 @@ def test_event_idx_suppression(memory: GuestMemory) -> None:
     # The driver asks to hear only once used idx passes 1 (used_event = 1).
     poke(memory, AVAIL + 4 + 2 * SIZE, "<H", 1)
     post(memory, 0)
-    q.complete(q.head(), 64)
-    assert not q.needs_interrupt()  # used idx 1 has not passed used_event 1
+    q.put_used(q.head(), 64)
+    assert not q.publish()  # used idx 1 has not passed used_event 1
+    assert peek(memory, USED + 2, "<H") == (1,)  # published all the same
     post(memory, 0)
-    q.complete(q.head(), 64)
-    assert q.needs_interrupt()  # used idx 2 passed it
-    assert not q.needs_interrupt()  # nothing new since
+    q.put_used(q.head(), 64)
+    assert q.publish()  # used idx 2 passed it
+    assert peek(memory, USED + 2, "<H") == (2,)
+    assert not q.publish()  # nothing new since
     # Sleeping writes avail_event = next avail, and sees a request posted meanwhile.
     assert not q.arm()
     assert peek(memory, USED + 4 + 8 * SIZE, "<H") == (2,)
@@ -189,14 +193,16 @@ def test_no_interrupt_flag_and_notify_on_empty(memory: GuestMemory) -> None:
     desc(memory, 0, 0x4000, 64, DESC_F_WRITE)
     poke(memory, AVAIL, "<H", 1)  # VRING_AVAIL_F_NO_INTERRUPT
     post(memory, 0, 0)
-    q.complete(q.head(), 64)
-    assert not q.needs_interrupt()  # not empty yet: suppressed
-    q.complete(q.head(), 64)
-    assert q.needs_interrupt()  # ring empty: NOTIFY_ON_EMPTY overrides
+    q.put_used(q.head(), 64)
+    assert not q.publish()  # not empty yet: suppressed
+    q.put_used(q.head(), 64)
+    assert q.publish()  # ring empty: NOTIFY_ON_EMPTY overrides
+    assert not q.publish()  # nothing new since
     poke(memory, AVAIL, "<H", 0)
     post(memory, 0)
-    q.complete(q.head(), 64)
-    assert q.needs_interrupt()
+    q.put_used(q.head(), 64)
+    assert q.publish()
+    assert peek(memory, USED + 2, "<H") == (3,)
 
 
 def test_indices_wrap_at_16_bits(memory: GuestMemory) -> None:
@@ -205,8 +211,10 @@ def test_indices_wrap_at_16_bits(memory: GuestMemory) -> None:
     desc(memory, 0, 0x4000, 64, DESC_F_WRITE)
     post(memory, 0, 0)
     assert q.pending() == 2
-    q.complete(q.head(), 1)
-    q.complete(q.head(), 2)
+    q.put_used(q.head(), 1)
+    q.publish_used()
+    q.put_used(q.head(), 2)
+    q.publish_used()
     assert q.next_avail == 1 and peek(memory, USED + 2, "<H") == (1,)
 
 

@@ -11,7 +11,8 @@ Pieces:
 - `qemu_command`: the command line that wires a guest to a vhost-user socket.
 - `QemuGuest`: one running QEMU with its console captured line by line.
 - `Rngd`: one running daemon (`python -m rngd`) with its sockets.
-- `main`: the `rngd-qemu` helper (`rngd-qemu compare` is in rngd/testing/guest_bench.py).
+- `boot`: the `rngd-qemu` helper's guests (rngd/testing/qemu_cli.py runs it; `rngd-qemu
+  compare` is in rngd/testing/guest_bench.py).
 """
 
 from __future__ import annotations
@@ -641,12 +642,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["compare"]:
-        from rngd.testing import guest_bench  # it imports this module
-
-        return guest_bench.main(argv[1:])
+def boot(argv: Sequence[str]) -> int:
+    """`rngd-qemu` without `compare`: boot the guests `argv` asks for; the exit status."""
     args = _parser().parse_args(argv)
 
     def say(message: str) -> None:
