@@ -21,7 +21,7 @@ from rngd.incidents import IncidentLog
 from rngd.memory import GuestMemory, GuestMemoryError
 from rngd.observe import ConnectionCounters
 from rngd.protocol.codec import Message
-from rngd.protocol.constants import Request, VirtioFeatures
+from rngd.protocol.constants import VirtioFeatures
 from rngd.protocol.payloads import MemoryRegion
 from rngd.protocol.session import (
     AddMemReg,
@@ -35,7 +35,9 @@ from rngd.protocol.session import (
     Session,
     SetMemTable,
     SetVringBase,
-    SetVringFd,
+    SetVringCall,
+    SetVringErr,
+    SetVringKick,
     VringChanged,
 )
 from rngd.ring import serve_vring
@@ -45,16 +47,22 @@ from rngd.virtqueue import RingError, SplitQueue
 
 log = logging.getLogger(__name__)
 
-_FD_ROLE = {
-    Request.SET_VRING_KICK: "kick",
-    Request.SET_VRING_CALL: "call",
-    Request.SET_VRING_ERR: "err",
-}
-
 
 def _close(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
+
+
+def _checked(fd: int | None, role: str) -> int | None:
+    """`fd` if it is an eventfd fit to be a ring's `role` fd; refused (and closed) if not, so
+    the ring keeps the fd it had."""
+    if fd is not None:
+        try:
+            check_eventfd(fd, role)
+        except EventfdError as exc:
+            os.close(fd)
+            raise RequestRejected(str(exc)) from exc
+    return fd
 
 
 @dataclass(eq=False)
@@ -135,8 +143,13 @@ class Device:
                 return data if data is not None else self.session.ack(message, True)
             case SetMemTable(regions, fds):
                 await self._set_mem_table(regions, fds)
-            case SetVringFd(request, index, fd):
-                await self._set_vring_fd(request, self.vrings[index], fd)
+            case SetVringKick(index, fd):
+                await self._set_vring_kick(self.vrings[index], _checked(fd, "kick"))
+            case SetVringCall(index, fd):
+                # The worker signals whichever fd is current, so a swap needs no stop.
+                self.vrings[index].call.replace(_checked(fd, "call"))
+            case SetVringErr(index, fd):
+                self.vrings[index].err.replace(_checked(fd, "err"))
             case SetVringBase(index, base):
                 vring = self.vrings[index]
                 # Stopped first: where the running ring stood must not overwrite the VMM's word.
@@ -238,27 +251,12 @@ class Device:
             except RequestRejected as exc:
                 self.incident("%s", exc)
 
-    async def _set_vring_fd(self, request: Request, vring: Vring, fd: int | None) -> None:
-        if fd is not None:
-            try:
-                check_eventfd(fd, _FD_ROLE[request])
-            except EventfdError as exc:
-                # Refused: the vring keeps the fd it had.
-                os.close(fd)
-                raise RequestRejected(str(exc)) from exc
-        if request == Request.SET_VRING_KICK:
-            if fd is None:
-                raise RequestRejected(
-                    "polling mode (SET_VRING_KICK without an fd) is not supported"
-                )
-            await self.stop(vring)
-            self._replace_kick(vring, fd)
-            await self.restart(vring)
-        elif request == Request.SET_VRING_CALL:
-            # The worker signals whichever fd is current, so a swap needs no stop.
-            vring.call.replace(fd)
-        else:
-            vring.err.replace(fd)
+    async def _set_vring_kick(self, vring: Vring, fd: int | None) -> None:
+        if fd is None:
+            raise RequestRejected("polling mode (SET_VRING_KICK without an fd) is not supported")
+        await self.stop(vring)
+        self._replace_kick(vring, fd)
+        await self.restart(vring)
 
     def _replace_kick(self, vring: Vring, fd: int | None) -> None:
         if vring.kick_fd is not None:

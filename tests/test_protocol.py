@@ -36,7 +36,9 @@ from rngd.protocol.session import (
     Session,
     SetMemTable,
     SetVringBase,
-    SetVringFd,
+    SetVringCall,
+    SetVringErr,
+    SetVringKick,
     VringChanged,
 )
 
@@ -210,10 +212,17 @@ def test_vring_fd_requests_take_the_fd_or_honour_the_nofd_bit() -> None:
     try:
         message = msg(Request.SET_VRING_CALL, VringFd(0, True).encode(), fds=[fd])
         event = session.handle(message)
-        assert event == SetVringFd(Request.SET_VRING_CALL, 0, fd)
+        assert event == SetVringCall(0, fd)
         assert message.fds == []  # ownership moved to the event
         event = session.handle(msg(Request.SET_VRING_CALL, VringFd(0, False).encode()))
-        assert event == SetVringFd(Request.SET_VRING_CALL, 0, None)
+        assert event == SetVringCall(0, None)
+        # One event type per role: the I/O layer need not look at the request again.
+        assert session.handle(msg(Request.SET_VRING_ERR, VringFd(0, False).encode())) == (
+            SetVringErr(0, None)
+        )
+        assert session.handle(msg(Request.SET_VRING_KICK, VringFd(0, False).encode())) == (
+            SetVringKick(0, None)
+        )
         with pytest.raises(MessageError):
             session.handle(msg(Request.SET_VRING_KICK, VringFd(0, True).encode()))
         with pytest.raises(MessageError, match="reserved"):

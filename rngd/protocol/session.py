@@ -96,10 +96,26 @@ class SetMemTable:
 
 
 @dataclass(frozen=True)
-class SetVringFd:
-    """A new kick, call or err fd (None: the front-end asked for polling mode / no fd)."""
+class SetVringKick:
+    """A new kick fd for the ring (None: the front-end asked for polling mode). The I/O layer
+    owns `fd` from here on, and closes it if it refuses it."""
 
-    request: Request
+    index: int
+    fd: int | None
+
+
+@dataclass(frozen=True)
+class SetVringCall:
+    """A new call fd (None: no fd, the front-end polls the used ring); the I/O layer's."""
+
+    index: int
+    fd: int | None
+
+
+@dataclass(frozen=True)
+class SetVringErr:
+    """A new err fd (None: no fd); the I/O layer's."""
+
     index: int
     fd: int | None
 
@@ -157,7 +173,9 @@ class RemMemReg:
 Event = (
     Reply
     | SetMemTable
-    | SetVringFd
+    | SetVringKick
+    | SetVringCall
+    | SetVringErr
     | SetVringBase
     | GetVringBase
     | VringChanged
@@ -200,9 +218,6 @@ class Session:
     @property
     def reply_ack(self) -> bool:
         return bool(self.acked_protocol_features & ProtocolFeatures.REPLY_ACK)
-
-    def has_protocol_feature(self, bit: ProtocolFeatures) -> bool:
-        return bool(self.acked_protocol_features & bit)
 
     def memory_mapped(self, regions: list[MemoryRegion]) -> None:
         """The I/O layer has mapped exactly `regions` (after SET_MEM_TABLE, ADD_MEM_REG or
@@ -419,21 +434,25 @@ class Session:
         self._vring(state.index, message)
         return GetVringBase(state.index)
 
-    def _vring_fd(self, message: Message) -> Event:
+    def _vring_fd(self, message: Message) -> tuple[int, int | None]:
+        """The ring index and the fd (None: the 'no fd' bit) of SET_VRING_KICK/CALL/ERR."""
         target = VringFd.decode(message)
         # Index first: a refused message must still have its fd closed by the caller.
         self._vring(target.index, message)
         if target.has_fd:
-            fd: int | None = message.take_fd()
-        else:
-            if message.fds:
-                raise MessageError(f"{message.name}: 'no fd' bit set but an fd was sent")
-            fd = None
-        return SetVringFd(Request(message.request), target.index, fd)
+            return target.index, message.take_fd()
+        if message.fds:
+            raise MessageError(f"{message.name}: 'no fd' bit set but an fd was sent")
+        return target.index, None
 
-    _on_set_vring_kick = _vring_fd
-    _on_set_vring_call = _vring_fd
-    _on_set_vring_err = _vring_fd
+    def _on_set_vring_kick(self, message: Message) -> Event:
+        return SetVringKick(*self._vring_fd(message))
+
+    def _on_set_vring_call(self, message: Message) -> Event:
+        return SetVringCall(*self._vring_fd(message))
+
+    def _on_set_vring_err(self, message: Message) -> Event:
+        return SetVringErr(*self._vring_fd(message))
 
     def _on_set_vring_enable(self, message: Message) -> Event:
         state = VringState.decode(message)
