@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -86,15 +87,19 @@ def test_set_features_says_when_running_rings_must_be_rebuilt() -> None:
 # -- through a daemon ----------------------------------------------------------------------
 
 
-async def served(queue: DriverQueue) -> bool:
-    """Post one buffer and kick: whether the device uses it within `QUIET` seconds (the buffer
-    stays posted either way, for a later start of the ring to serve)."""
+async def answered(queue: DriverQueue, wait: Callable[[], Awaitable[object]]) -> bool:
+    """Post one buffer and kick: whether `wait` (for a used entry, a call) returns within
+    `QUIET` seconds. The buffer stays posted either way, for a later start of the ring."""
     queue.post(64)
     queue.kick(force=True)
     with trio.move_on_after(QUIET):
-        await queue.wait_used()
+        await wait()
         return True
     return False
+
+
+async def served(queue: DriverQueue) -> bool:
+    return await answered(queue, queue.wait_used)
 
 
 async def test_a_refused_vring_change_leaves_the_ring_as_it_was(
@@ -207,18 +212,12 @@ async def test_set_features_rebuilds_a_running_ring(
     async with daemon_process(os.path.join(workdir, "rng.sock"), filename=source[0]) as daemon:
         with trio.fail_after(STEP_TIMEOUT):
             async with await Frontend.connect(daemon.socket_paths[0]) as vmm:
-                await vmm.handshake()
-                queue = await vmm.start(vmm.prepare_driver(8))
+                queue = await vmm.start_qemu72(8)
                 got = await vmm.read_random(64)
 
                 async def called_despite_used_event() -> bool:
                     queue.raw_set_used_event((queue.avail_idx + 0x8000) & 0xFFFF)
-                    queue.post(64)
-                    queue.kick(force=True)
-                    with trio.move_on_after(QUIET):
-                        await queue.wait_call()
-                        return True
-                    return False
+                    return await answered(queue, queue.wait_call)
 
                 assert not await called_despite_used_event()
                 got += b"".join(u.data for u in queue.used())
