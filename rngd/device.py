@@ -328,7 +328,7 @@ class Device:
         A ready ring that the memory does not hold stays stopped, with an incident line: the
         change that led here (a memory change, a base, new features) stands, and the ring
         waits until the VMM maps its memory again or reconfigures it. (A change to the ring's
-        own setup was checked with `_check_fits` first, so it never gets here.)
+        own setup passed `_check_fits` first: the ring it configures fits.)
         """
         await self.stop(vring)
         config = self.session.vrings[vring.index]
