@@ -21,7 +21,7 @@ from rngd.incidents import IncidentLog
 from rngd.memory import GuestMemory, GuestMemoryError
 from rngd.observe import ConnectionCounters
 from rngd.protocol.codec import Message
-from rngd.protocol.constants import Request, VirtioFeatures
+from rngd.protocol.constants import VirtioFeatures
 from rngd.protocol.payloads import MemoryRegion
 from rngd.protocol.session import (
     AddMemReg,
@@ -32,11 +32,15 @@ from rngd.protocol.session import (
     RequestRejected,
     ResetDevice,
     ResetOwner,
+    RingOptionsChanged,
     Session,
     SetMemTable,
     SetVringBase,
-    SetVringFd,
+    SetVringCall,
+    SetVringErr,
+    SetVringKick,
     VringChanged,
+    VringConfig,
 )
 from rngd.ring import VringWorker, serve_vring
 from rngd.source import EntropySource, GuestMemoryFault, SourceError
@@ -45,16 +49,22 @@ from rngd.virtqueue import RingError, SplitQueue
 
 log = logging.getLogger(__name__)
 
-_FD_ROLE = {
-    Request.SET_VRING_KICK: "kick",
-    Request.SET_VRING_CALL: "call",
-    Request.SET_VRING_ERR: "err",
-}
-
 
 def _close(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
+
+
+def _checked(fd: int | None, role: str) -> int | None:
+    """`fd` if it is an eventfd fit to be a ring's `role` fd; refused (and closed) if not, so
+    the ring keeps the fd it had."""
+    if fd is not None:
+        try:
+            check_eventfd(fd, role)
+        except EventfdError as exc:
+            os.close(fd)
+            raise RequestRejected(str(exc)) from exc
+    return fd
 
 
 @dataclass(eq=False)
@@ -135,11 +145,17 @@ class Device:
                 return data if data is not None else self.session.ack(message, True)
             case SetMemTable(regions, fds):
                 await self._set_mem_table(regions, fds)
-            case SetVringFd(request, index, fd):
-                await self._set_vring_fd(request, self.vrings[index], fd)
+            case SetVringKick(index, fd):
+                await self._set_vring_kick(self.vrings[index], _checked(fd, "kick"))
+            case SetVringCall(index, fd):
+                # The worker signals whichever fd is current, so a swap needs no stop.
+                self.vrings[index].call.replace(_checked(fd, "call"))
+            case SetVringErr(index, fd):
+                self.vrings[index].err.replace(_checked(fd, "err"))
             case SetVringBase(index, base):
                 vring = self.vrings[index]
                 # Stopped first: where the running ring stood must not overwrite the VMM's word.
+                # The base holds even if the ring cannot start (see `restart`).
                 await self.stop(vring)
                 vring.next_avail = base
                 await self.restart(vring)
@@ -150,8 +166,16 @@ class Device:
                 self._replace_kick(vring, None)
                 vring.broken = False
                 return self.session.vring_base_reply(index, vring.next_avail)
-            case VringChanged(index):
-                await self.restart(self.vrings[index])
+            case VringChanged(index, config):
+                vring = self.vrings[index]
+                # Refused with nothing changed if the ring would not fit; else recorded, and
+                # the ring runs (or not) as the new configuration says.
+                self._check_fits(vring, config, has_kick=vring.kick_fd is not None)
+                self.session.vring_configured(index, config)
+                await self.restart(vring)
+            case RingOptionsChanged():
+                # A running ring's queue was built with the old options: build it anew.
+                await self._restart_all()
             case ResetOwner():
                 for vring in self.vrings:
                     await self.stop(vring)
@@ -177,6 +201,12 @@ class Device:
             # The mappings hold their own references; ours are no longer needed.
             for fd in fds:
                 os.close(fd)
+        # The new table stands even if a ring no longer fits in it: QEMU sends SET_MEM_TABLE
+        # when the guest's RAM layout changed, and that is a fact to take, not a proposal to
+        # refuse (QEMU only logs a refusal and goes on, and rngd would keep serving from
+        # memory the VMM has let go of). A ring left outside stays stopped, with an incident
+        # line, until the VMM maps its memory again or moves it: as ADD_MEM_REG and
+        # REM_MEM_REG do. So success always means the new table is in use.
         for vring in self.vrings:
             await self.stop(vring)
         old, self.memory = self.memory, new
@@ -192,8 +222,7 @@ class Device:
         )
         # Every ring that is ready now starts: the ones that ran on the old table, and any
         # configured before the first table (or whose rings the old table did not hold).
-        for vring in self.vrings:
-            await self.restart(vring)
+        await self._restart_all()
 
     async def _add_mem_reg(self, region: MemoryRegion, fd: int) -> None:
         """Map one more region. The rings stop while the table changes (their threads read it)
@@ -229,36 +258,23 @@ class Device:
         log.debug("%smemory region %s (%d mapped)", self.prefix, what, len(self.memory.regions))
 
     async def _restart_all(self) -> None:
-        """Start every ring that is ready on the memory as it now is. A ring whose addresses
-        the change took away stays stopped (the change itself stands) until the VMM maps them
-        again or reconfigures the ring."""
+        """Start every ring that is ready on the memory and features as they now are (see
+        `restart`)."""
         for vring in self.vrings:
-            try:
-                await self.restart(vring)
-            except RequestRejected as exc:
-                self.incident("%s", exc)
-
-    async def _set_vring_fd(self, request: Request, vring: Vring, fd: int | None) -> None:
-        if fd is not None:
-            try:
-                check_eventfd(fd, _FD_ROLE[request])
-            except EventfdError as exc:
-                # Refused: the vring keeps the fd it had.
-                os.close(fd)
-                raise RequestRejected(str(exc)) from exc
-        if request == Request.SET_VRING_KICK:
-            if fd is None:
-                raise RequestRejected(
-                    "polling mode (SET_VRING_KICK without an fd) is not supported"
-                )
-            await self.stop(vring)
-            self._replace_kick(vring, fd)
             await self.restart(vring)
-        elif request == Request.SET_VRING_CALL:
-            # The worker signals whichever fd is current, so a swap needs no stop.
-            vring.call.replace(fd)
-        else:
-            vring.err.replace(fd)
+
+    async def _set_vring_kick(self, vring: Vring, fd: int | None) -> None:
+        if fd is None:
+            raise RequestRejected("polling mode (SET_VRING_KICK without an fd) is not supported")
+        try:
+            self._check_fits(vring, self.session.vrings[vring.index], has_kick=True)
+        except RequestRejected:
+            # Refused: the ring keeps the kick fd it had, and runs on if it ran.
+            os.close(fd)
+            raise
+        await self.stop(vring)
+        self._replace_kick(vring, fd)
+        await self.restart(vring)
 
     def _replace_kick(self, vring: Vring, fd: int | None) -> None:
         if vring.kick_fd is not None:
@@ -268,38 +284,61 @@ class Device:
 
     # --- vring tasks ---
 
-    def _ready(self, vring: Vring) -> bool:
-        config = self.session.vrings[vring.index]
+    def _ready(self, vring: Vring, config: VringConfig, *, has_kick: bool) -> bool:
         return (
             self.memory is not None
             and config.size > 0
             and config.addr is not None
             and config.enabled
-            and vring.kick_fd is not None
+            and has_kick
             and not vring.broken
         )
 
-    async def restart(self, vring: Vring) -> None:
-        """Bring the vring's task in line with its configuration: stop it, start it if ready."""
-        await self.stop(vring)
-        if not self._ready(vring):
-            return
-        config = self.session.vrings[vring.index]
+    def _queue(self, vring: Vring, config: VringConfig) -> SplitQueue:
+        """The ring `config` lays out in guest memory, from where `vring` stands, with the
+        negotiated options; RingError if the memory does not hold it."""
         assert self.memory is not None and config.addr is not None
+        return SplitQueue(
+            self.memory,
+            config.size,
+            config.addr.desc,
+            config.addr.avail,
+            config.addr.used,
+            vring.next_avail,
+            event_idx=self.session.has_feature(VirtioFeatures.RING_EVENT_IDX),
+            indirect=self.session.has_feature(VirtioFeatures.RING_INDIRECT_DESC),
+            notify_on_empty=self.session.has_feature(VirtioFeatures.NOTIFY_ON_EMPTY),
+        )
+
+    def _check_fits(self, vring: Vring, config: VringConfig, *, has_kick: bool) -> None:
+        """Refuse, before anything changed, a change to the ring's own setup (size, addresses,
+        enable, kick fd) that would leave it ready to run where the memory does not hold it."""
+        if not self._ready(vring, config, has_kick=has_kick):
+            return
         try:
-            queue = SplitQueue(
-                self.memory,
-                config.size,
-                config.addr.desc,
-                config.addr.avail,
-                config.addr.used,
-                vring.next_avail,
-                event_idx=self.session.has_feature(VirtioFeatures.RING_EVENT_IDX),
-                indirect=self.session.has_feature(VirtioFeatures.RING_INDIRECT_DESC),
-                notify_on_empty=self.session.has_feature(VirtioFeatures.NOTIFY_ON_EMPTY),
-            )
+            self._queue(vring, config).release()
         except RingError as exc:
-            raise RequestRejected(f"vring {vring.index} not started: {exc}") from exc
+            raise RequestRejected(
+                f"vring {vring.index} would not be in guest memory: {exc}"
+            ) from exc
+
+    async def restart(self, vring: Vring) -> None:
+        """Bring the vring's task in line with its configuration: stop it, start it if ready.
+
+        A ready ring that the memory does not hold stays stopped, with an incident line: the
+        change that led here (a memory change, a base, new features) stands, and the ring
+        waits until the VMM maps its memory again or reconfigures it. (A change to the ring's
+        own setup passed `_check_fits` first: the ring it configures fits.)
+        """
+        await self.stop(vring)
+        config = self.session.vrings[vring.index]
+        if not self._ready(vring, config, has_kick=vring.kick_fd is not None):
+            return
+        try:
+            queue = self._queue(vring, config)
+        except RingError as exc:
+            self.incident("vring %d not started: %s", vring.index, exc)
+            return
         await self._nursery.start(self._run_vring, vring, queue)
         self.vring_starts += 1
         log.log(

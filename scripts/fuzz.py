@@ -54,7 +54,9 @@ from rngd.protocol.session import (
     GetVringBase,
     Session,
     SetMemTable,
-    SetVringFd,
+    SetVringCall,
+    SetVringErr,
+    SetVringKick,
 )
 from rngd.ring import lay_out
 from rngd.source import EntropySource
@@ -145,7 +147,10 @@ def check_codec(case: CodecCase) -> int:
                         event = session.handle(message)
                         if isinstance(event, SetMemTable):
                             _act_on_mem_table(event)
-                        elif isinstance(event, SetVringFd) and event.fd is not None:
+                        elif (
+                            isinstance(event, SetVringKick | SetVringCall | SetVringErr)
+                            and event.fd is not None
+                        ):
                             os.close(event.fd)
                         elif isinstance(event, GetVringBase):
                             session.vring_base_reply(event.index, 0)

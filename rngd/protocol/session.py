@@ -9,7 +9,7 @@ place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rngd.protocol.codec import Message, MessageError, decode_u64, encode_reply, encode_u64
 from rngd.protocol.constants import (
@@ -64,9 +64,13 @@ REQUESTS_WITH_REPLY = frozenset(
 _REQUEST_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)
 
 
-@dataclass
+@dataclass(frozen=True)
 class VringConfig:
     """What the front-end has told us about one vring (addresses are not yet translated).
+
+    A request that changes it proposes the whole new value (`VringChanged`); the session
+    holds it only once the I/O layer has carried it out (`Session.vring_configured`), so a
+    refused request leaves the configuration as it was.
 
     Where the ring stands (its next avail index) is not configuration: SET_VRING_BASE sets it
     and the running ring moves it, so the I/O layer keeps it with the ring's other run-time
@@ -96,10 +100,26 @@ class SetMemTable:
 
 
 @dataclass(frozen=True)
-class SetVringFd:
-    """A new kick, call or err fd (None: the front-end asked for polling mode / no fd)."""
+class SetVringKick:
+    """A new kick fd for the ring (None: the front-end asked for polling mode). The I/O layer
+    owns `fd` from here on, and closes it if it refuses it."""
 
-    request: Request
+    index: int
+    fd: int | None
+
+
+@dataclass(frozen=True)
+class SetVringCall:
+    """A new call fd (None: no fd, the front-end polls the used ring); the I/O layer's."""
+
+    index: int
+    fd: int | None
+
+
+@dataclass(frozen=True)
+class SetVringErr:
+    """A new err fd (None: no fd); the I/O layer's."""
+
     index: int
     fd: int | None
 
@@ -120,9 +140,19 @@ class GetVringBase:
 
 @dataclass(frozen=True)
 class VringChanged:
-    """Size, addresses or enable state changed: the I/O layer may start or stop a ring."""
+    """SET_VRING_NUM, SET_VRING_ADDR or SET_VRING_ENABLE proposes `config` for the ring: the
+    I/O layer refuses it (nothing changed) or starts or stops the ring accordingly and then
+    records it with `Session.vring_configured`."""
 
     index: int
+    config: VringConfig
+
+
+@dataclass(frozen=True)
+class RingOptionsChanged:
+    """SET_FEATURES changed how a ring is served (EVENT_IDX, INDIRECT_DESC, NOTIFY_ON_EMPTY)
+    or enabled every ring (the first, without PROTOCOL_FEATURES). The features are recorded;
+    the I/O layer restarts the rings so that each runs, or not, as configured now."""
 
 
 @dataclass(frozen=True)
@@ -157,14 +187,24 @@ class RemMemReg:
 Event = (
     Reply
     | SetMemTable
-    | SetVringFd
+    | SetVringKick
+    | SetVringCall
+    | SetVringErr
     | SetVringBase
     | GetVringBase
     | VringChanged
+    | RingOptionsChanged
     | ResetOwner
     | ResetDevice
     | AddMemReg
     | RemMemReg
+)
+
+#: The negotiated features a running ring's queue is built with (rngd.virtqueue.SplitQueue).
+RING_OPTIONS = int(
+    VirtioFeatures.RING_EVENT_IDX
+    | VirtioFeatures.RING_INDIRECT_DESC
+    | VirtioFeatures.NOTIFY_ON_EMPTY
 )
 
 #: Device status bits (virtio 1.2, 2.1) fit in a byte; anything above is not a status.
@@ -201,8 +241,9 @@ class Session:
     def reply_ack(self) -> bool:
         return bool(self.acked_protocol_features & ProtocolFeatures.REPLY_ACK)
 
-    def has_protocol_feature(self, bit: ProtocolFeatures) -> bool:
-        return bool(self.acked_protocol_features & bit)
+    def vring_configured(self, index: int, config: VringConfig) -> None:
+        """The I/O layer has carried out `VringChanged(index, config)`."""
+        self.vrings[index] = config
 
     def memory_mapped(self, regions: list[MemoryRegion]) -> None:
         """The I/O layer has mapped exactly `regions` (after SET_MEM_TABLE, ADD_MEM_REG or
@@ -263,12 +304,17 @@ class Session:
                 f"SET_FEATURES {features:#x} acks bits we never offered "
                 f"({features & ~self.device_features:#x})"
             )
+        # Nothing the I/O layer does with this can fail (a ring that cannot start stays
+        # stopped, as after a memory change), so the features are recorded here.
+        changed = (self.acked_features ^ features) & RING_OPTIONS
         self.acked_features = features
-        if not self.features_set and not features & VirtioFeatures.PROTOCOL_FEATURES:
-            # Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings start enabled.
-            for vring in self.vrings:
-                vring.enabled = True
+        enable = not self.features_set and not features & VirtioFeatures.PROTOCOL_FEATURES
         self.features_set = True
+        if enable:
+            # Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings start enabled.
+            self.vrings = [replace(vring, enabled=True) for vring in self.vrings]
+        if changed or enable:
+            return RingOptionsChanged()
         return Reply(None)
 
     def _on_get_protocol_features(self, message: Message) -> Event:
@@ -390,8 +436,7 @@ class Session:
                 f"SET_VRING_NUM {size}: queue size must be a power of two "
                 f"in 1..{self.max_queue_size}"
             )
-        vring.size = size
-        return VringChanged(state.index)
+        return VringChanged(state.index, replace(vring, size=size))
 
     def _on_set_vring_base(self, message: Message) -> Event:
         state = VringState.decode(message)
@@ -411,29 +456,32 @@ class Session:
                 f"SET_VRING_ADDR: misaligned ring (desc {addr.desc:#x}, "
                 f"avail {addr.avail:#x}, used {addr.used:#x})"
             )
-        vring.addr = addr
-        return VringChanged(addr.index)
+        return VringChanged(addr.index, replace(vring, addr=addr))
 
     def _on_get_vring_base(self, message: Message) -> Event:
         state = VringState.decode(message)
         self._vring(state.index, message)
         return GetVringBase(state.index)
 
-    def _vring_fd(self, message: Message) -> Event:
+    def _vring_fd(self, message: Message) -> tuple[int, int | None]:
+        """The ring index and the fd (None: the 'no fd' bit) of SET_VRING_KICK/CALL/ERR."""
         target = VringFd.decode(message)
         # Index first: a refused message must still have its fd closed by the caller.
         self._vring(target.index, message)
         if target.has_fd:
-            fd: int | None = message.take_fd()
-        else:
-            if message.fds:
-                raise MessageError(f"{message.name}: 'no fd' bit set but an fd was sent")
-            fd = None
-        return SetVringFd(Request(message.request), target.index, fd)
+            return target.index, message.take_fd()
+        if message.fds:
+            raise MessageError(f"{message.name}: 'no fd' bit set but an fd was sent")
+        return target.index, None
 
-    _on_set_vring_kick = _vring_fd
-    _on_set_vring_call = _vring_fd
-    _on_set_vring_err = _vring_fd
+    def _on_set_vring_kick(self, message: Message) -> Event:
+        return SetVringKick(*self._vring_fd(message))
+
+    def _on_set_vring_call(self, message: Message) -> Event:
+        return SetVringCall(*self._vring_fd(message))
+
+    def _on_set_vring_err(self, message: Message) -> Event:
+        return SetVringErr(*self._vring_fd(message))
 
     def _on_set_vring_enable(self, message: Message) -> Event:
         state = VringState.decode(message)
@@ -442,5 +490,4 @@ class Session:
             raise RequestRejected("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
         if state.num not in (0, 1):
             raise RequestRejected(f"SET_VRING_ENABLE {state.num}: must be 0 or 1")
-        vring.enabled = bool(state.num)
-        return VringChanged(state.index)
+        return VringChanged(state.index, replace(vring, enabled=bool(state.num)))
