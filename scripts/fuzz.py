@@ -51,7 +51,9 @@ from rngd.protocol.constants import (
 )
 from rngd.protocol.payloads import MemoryRegion
 from rngd.protocol.session import (
+    AddMemReg,
     GetVringBase,
+    RemMemReg,
     Session,
     SetMemTable,
     SetVringCall,
@@ -148,9 +150,13 @@ def check_codec(case: CodecCase) -> int:
                         if isinstance(event, SetMemTable):
                             _act_on_mem_table(event)
                         elif (
-                            isinstance(event, SetVringKick | SetVringCall | SetVringErr)
+                            isinstance(
+                                event,
+                                SetVringKick | SetVringCall | SetVringErr | AddMemReg | RemMemReg,
+                            )
                             and event.fd is not None
                         ):
+                            # The event's fd is the I/O layer's to close, as the daemon does.
                             os.close(event.fd)
                         elif isinstance(event, GetVringBase):
                             session.vring_base_reply(event.index, 0)
