@@ -50,9 +50,17 @@ def require_elf(program: str) -> str:
 
 
 def callgrind_command(out_file: str, argv: Sequence[str]) -> list[str]:
-    """``argv`` under callgrind, its counts to ``out_file``; its children run uncounted."""
+    """``argv`` under callgrind, its counts to ``out_file``; its children run uncounted.
+
+    A Python program runs with a fixed hash seed: string hashes decide how many probes each
+    dict lookup of its start-up takes, and with a seed drawn per run the start-ups of the
+    short and the long run differed by up to a million instructions, which then did not
+    drop out (a request's count moved by 3% from one pair of runs to the next).
+    """
     require_elf(argv[0])
     return [
+        "env",
+        "PYTHONHASHSEED=0",
         valgrind(),
         "--tool=callgrind",
         "--trace-children=no",
