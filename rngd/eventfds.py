@@ -7,7 +7,8 @@ import io
 import os
 from collections.abc import Callable
 
-_ONE = (1).to_bytes(8, "little")
+#: What a signal writes: an eventfd counter is 8 bytes, and each signal adds 1.
+SIGNAL = (1).to_bytes(8, "little")
 
 
 class EventfdError(Exception):
@@ -69,9 +70,13 @@ class VringSignal:
         if write is None:
             return
         try:
-            write(_ONE)  # None if the counter is saturated: a wake-up is pending anyway
+            write(SIGNAL)  # None if the counter is saturated: a wake-up is pending anyway
         except OSError as exc:
-            raise EventfdError(f"signalling the {self.what} fd failed: {exc.strerror}") from exc
+            raise self.failed(exc) from exc
+
+    def failed(self, exc: OSError) -> EventfdError:
+        """What a failed write of a signal means (for the ring path, which inlines `signal`)."""
+        return EventfdError(f"signalling the {self.what} fd failed: {exc.strerror}")
 
 
 def check_eventfd(fd: int, what: str) -> None:

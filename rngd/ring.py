@@ -28,7 +28,7 @@ from typing import cast
 import trio
 
 from rngd.bandwidth import Budget
-from rngd.eventfds import EventfdError, VringSignal
+from rngd.eventfds import SIGNAL, EventfdError, VringSignal
 from rngd.incidents import IncidentLog
 from rngd.observe import ConnectionCounters, RingCounters
 from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
@@ -50,7 +50,6 @@ MAX_REQUEST_BYTES = 1 << 20
 MAX_BATCH_BYTES = 1 << 20
 #: Most buffers one readv takes (the kernel's UIO_MAXIOV).
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
-_ONE = (1).to_bytes(8, "little")
 _FIRST = operator.itemgetter(0)
 _SECOND = operator.itemgetter(1)
 _EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
@@ -167,9 +166,9 @@ class VringWorker:
         epoll.register(stop_fd, select.EPOLLIN)
         try:
             if self.queue.event_idx:
-                self.serve(epoll.poll, stop_fd)
+                self.serve()
             else:
-                self.serve_without_event_idx(epoll.poll, stop_fd)
+                self.serve_without_event_idx()
         except _Stopped:
             return
         finally:
@@ -178,7 +177,7 @@ class VringWorker:
             with contextlib.suppress(EventfdError):
                 self.flush()
 
-    def serve(self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int) -> None:
+    def serve(self) -> None:
         """The steady state of an EVENT_IDX ring (every Linux guest's), top to bottom.
 
         Each turn takes what the avail ring holds. The Linux driver's request, one buffer of
@@ -192,6 +191,8 @@ class VringWorker:
 
         Hot names are locals: this loop is what a guest waits on, per request.
         """
+        assert self._epoll is not None
+        poll, stop_fd = self._epoll.poll, self._stop_fd
         queue, call, source = self.queue, self.call, self.source
         avail, used, elems, desc = queue.avail, queue.used, queue.used_elems, queue.desc
         size = queue.size
@@ -270,14 +271,13 @@ class VringWorker:
             if old != start:
                 # vring_need_event(): did `start` pass the index the driver asked to hear of?
                 if (start - avail[used_event_slot] - 1) & 0xFFFF < (start - old) & 0xFFFF:
+                    # `call.signal()`, inlined: a method call here would be one per request.
                     write = call.write
                     if write is not None:
                         try:
-                            write(_ONE)  # None if the counter is saturated: a wake-up is due
+                            write(SIGNAL)  # None if the counter is saturated: a wake-up is due
                         except OSError as exc:
-                            raise EventfdError(
-                                f"signalling the call fd failed: {exc.strerror}"
-                            ) from exc
+                            raise call.failed(exc) from exc
                     counts.interrupts += 1
                 queue.signalled_used = start
             if not empty or avail[1] != start:
@@ -292,11 +292,11 @@ class VringWorker:
                     raise EventfdError(f"kick fd reports poll events {events:#x}")
                 counts.kicks += 1
 
-    def serve_without_event_idx(
-        self, poll: Callable[[], list[tuple[int, int]]], stop_fd: int
-    ) -> None:
+    def serve_without_event_idx(self) -> None:
         """The same for a ring without EVENT_IDX (flags say whether to interrupt, and the
         driver always kicks), through the queue's own steps: no guest of today's is here."""
+        assert self._epoll is not None
+        poll, stop_fd = self._epoll.poll, self._stop_fd
         queue = self.queue
         while not self.stopping:
             pending = queue.pending()
