@@ -179,3 +179,30 @@ def test_callgrind_errors(tmp_path: Path) -> None:
     with pytest.raises(CallgrindError, match="long run"):
         per_request(Count(100, 5_000), Count(100, 9_000))
     assert require_elf(sys.executable)
+
+
+def test_ring_threads_script_briefly(tmp_path: Path) -> None:
+    """`scripts/ring-threads` in brief: both shapes (a thread per ring, one thread for every
+    ring) serve every request the pretend guests post, in the number of threads they claim,
+    and their figures land in the JSON."""
+    figures_path = tmp_path / "ring-threads.json"
+    result = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "scripts" / "ring-threads")),
+            *("--rings", "3", "--requests", "600", "--rounds", "2", "--json", str(figures_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| a thread per ring |" in result.stdout and "| one thread |" in result.stdout
+    figures = json.loads(figures_path.read_text())
+    for shape, threads in (("threads", 3 + 1), ("shared", 1)):
+        rounds = figures["rounds"][shape]
+        assert len(rounds) == 2
+        for figure in rounds:
+            assert figure["requests"] >= 600
+            assert figure["threads"] == threads
+            assert figure["cpu_us"] > 0 and figure["switches"] > 0
