@@ -284,8 +284,9 @@ class VringWorker:
                 if self.stopping:
                     raise _Stopped
                 continue
-            # A stop is told by the stop fd while asleep, by `stopping` while busy.
-            for fd, events in poll():
+            # A stop is told by the stop fd while asleep, by `stopping` while busy. At most
+            # two events (kick, stop): without the bound, epoll.poll allocates room for 1023.
+            for fd, events in poll(None, 2):
                 if fd == stop_fd:
                     return
                 if events & _EPOLL_TROUBLE:
@@ -306,7 +307,7 @@ class VringWorker:
                     raise _Stopped
                 self.flush()
             elif not queue.arm():
-                for fd, events in poll():
+                for fd, events in poll(None, 2):
                     if fd == stop_fd:
                         return
                     if events & _EPOLL_TROUBLE:
