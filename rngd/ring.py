@@ -35,6 +35,7 @@ from rngd.source import WOULD_BLOCK, EntropySource, wait_readable
 from rngd.threads import ThreadStartError, run_owned_thread
 from rngd.virtqueue import (
     DESC,
+    LOADS_ORDERED,
     SMALL_TABLE,
     STORES_ORDERED,
     ChainError,
@@ -202,7 +203,7 @@ class VringWorker:
         lone = queue.lone.get
         unpack = DESC.unpack_from
         release, acquire = queue.fence.release, queue.fence.acquire
-        stores_ordered = STORES_ORDERED
+        stores_ordered, loads_ordered = STORES_ORDERED, LOADS_ORDERED
         # A source that needs no more than a read is read here, through a file object's
         # readinto (cheaper than os.readv; None at EAGAIN); any other, and every error, end
         # of file or empty pipe, through `source.read`.
@@ -216,8 +217,12 @@ class VringWorker:
             # (The used index always equals the avail index consumed: requests are completed
             # in order, and none is kept across a stop.)
             start = queue.next_avail
+            waiting = (avail[1] - start) & 0xFFFF
+            if waiting and not loads_ordered:
+                release()  # the avail index before the entry and descriptor it publishes
+                acquire()
             if (
-                (avail[1] - start) & 0xFFFF == 1
+                waiting == 1
                 and (head := avail[2 + start % size]) < size
                 and (
                     entry := by_index(copy_table())[head]
@@ -253,7 +258,7 @@ class VringWorker:
                 used[avail_event_slot] = start
                 empty = True
             else:
-                if (avail[1] - start) & 0xFFFF:
+                if waiting:
                     self.serve_batch(queue.pending())
                     if self.stopping:
                         raise _Stopped

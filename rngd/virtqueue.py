@@ -68,8 +68,11 @@ class Fence:
 
     The EVENT_IDX handshake needs one on both sides (we store the used index or avail_event,
     then load the driver's used_event or avail index; the driver stores its index, then loads
-    ours), and so do the used elements on a weakly ordered host before the index that
-    publishes them. Python has no fence instruction; a lock has one inside. The lock is held
+    ours), and so do, on a weakly ordered host, the used elements before the index that
+    publishes them, and the driver's avail index before the ring entries and descriptors it
+    publishes (virtio's read barrier on the device side: arm64 may satisfy a later load
+    first, and neither the interpreter's branch on the index nor a wake-up we did not sleep
+    for orders it). Python has no fence instruction; a lock has one inside. The lock is held
     from construction, and a fence *releases then re-acquires* it (CPython's lock is a POSIX
     semaphore: glibc's sem_post is a compare-and-swap with release order, sem_wait's fast path
     one with acquire order):
@@ -78,8 +81,8 @@ class Fence:
     * arm64 (ARMv8, multi-copy atomic): a store-release followed in program order by a
       load-acquire is ordered ("RCsc": [L]; po; [A] is in barrier-ordered-before), every
       access before the release is ordered before it, and every access after the acquire
-      after it. A plain store before the fence is therefore ordered before a plain load
-      after it. (Acquire-then-release, as `with lock: pass` does, orders nothing of the
+      after it. A plain store or load before the fence is therefore ordered before a plain
+      load after it. (Acquire-then-release, as `with lock: pass` does, orders nothing of the
       kind: the store may sink past the acquire and the load rise above the release.)
 
     Other architectures are refused at import until they are argued for the same way.
@@ -102,6 +105,9 @@ class Fence:
 #: x86 keeps stores in program order (TSO), and so does the interpreter: there, the used
 #: elements are visible before the index that publishes them without a fence.
 STORES_ORDERED = platform.machine().lower() in ("x86_64", "amd64")
+#: TSO keeps loads in program order too: there, the ring entries and descriptors are read
+#: after the avail index that published them without a fence.
+LOADS_ORDERED = STORES_ORDERED
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,8 @@ class SplitQueue:
                 f"avail index {self.avail_idx()} is {count} ahead of {self.next_avail} "
                 f"(queue size {self.size})"
             )
+        if count and not LOADS_ORDERED:
+            self.fence()  # the index before the entries and descriptors it publishes
         return count
 
     def head(self) -> int:
