@@ -13,7 +13,7 @@ import typer
 
 from rngd import __version__
 from rngd.bandwidth import ShareMode
-from rngd.config import MAX_PERIOD_MS, ConfigError, DaemonConfig
+from rngd.config import DEFAULT_POLL_US, MAX_PERIOD_MS, MAX_POLL_US, ConfigError, DaemonConfig
 from rngd.health import HealthMode
 
 PROG = "vhost-device-rng"
@@ -135,6 +135,16 @@ def run(
             case_sensitive=False,
         ),
     ] = HealthMode.AUTO,
+    poll_us: Annotated[
+        int,
+        typer.Option(
+            "--poll-us",
+            help="After serving a request, look for the guest's next one for this many "
+            f"microseconds (0..{MAX_POLL_US}) before sleeping: the guest need not kick and "
+            "need not wait for a wake-up. At most one ring per CPU but one polls at a time; "
+            "0 never polls.",
+        ),
+    ] = DEFAULT_POLL_US,
     log_level: Annotated[
         LogLevel,
         typer.Option("--log-level", help="Log verbosity.", case_sensitive=False),
@@ -193,6 +203,7 @@ def run(
         connected_fd=fd,
         listen_fds=listen_fds,
         health_tests=health_tests,
+        poll_us=poll_us,
     )
     block_stop_signals()
     with Daemon(config) as daemon:

@@ -11,6 +11,11 @@ from rngd.health import HealthMode
 
 #: The original's default and maximum period: 2^16 ms.
 MAX_PERIOD_MS = 65536
+#: How long a ring's thread looks for the guest's next request after serving one, before it
+#: sleeps (`--poll-us`; docs/performance.md has the measurements behind the default).
+DEFAULT_POLL_US = 50
+#: Longer polls only burn a core: a guest that takes this long to post again is not waiting.
+MAX_POLL_US = 10_000
 
 
 class ConfigError(Exception):
@@ -42,6 +47,8 @@ class DaemonConfig:
     listen_fds: tuple[int, ...] = ()
     #: Health tests on the source (`--health-tests`): AUTO tests all but the kernel's CSPRNG.
     health_tests: HealthMode = HealthMode.AUTO
+    #: Microseconds a ring polls for the next request before it sleeps (`--poll-us`); 0: never.
+    poll_us: int = DEFAULT_POLL_US
 
     def allows(self, uid: int | None) -> bool:
         """May a peer of user id `uid` (None: unknown) connect (`--allow-uid`)?"""
@@ -66,6 +73,8 @@ class DaemonConfig:
                 f"--max-bytes {self.max_bytes} split over {self.socket_count} sockets leaves "
                 "each nothing; raise it or use --share fair"
             )
+        if not 0 <= self.poll_us <= MAX_POLL_US:
+            raise ConfigError(f"--poll-us must be in 0..{MAX_POLL_US}, not {self.poll_us}")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(f"--socket-mode {self.socket_mode:o} is not a permission mode")
         for uid in self.allow_uids:

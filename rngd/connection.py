@@ -27,6 +27,7 @@ from rngd.protocol.constants import (
     VirtioFeatures,
 )
 from rngd.protocol.session import REQUESTS_WITH_REPLY, RequestRejected, Session
+from rngd.ring import BusyPoll
 from rngd.source import EntropySource
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Connection:
         budget: Budget,
         *,
         peer: Peer | None = None,
+        poll: BusyPoll | None = None,
     ) -> None:
         self.sock = sock
         self.name = name
@@ -62,6 +64,8 @@ class Connection:
         self.incident = IncidentLog(log, self.prefix)
         self.source = source
         self.budget = budget
+        #: How its rings poll before they sleep (`--poll-us`; None: never).
+        self.poll = poll
         #: Memory and vrings, while `run` runs.
         self.device: Device | None = None
 
@@ -83,6 +87,7 @@ class Connection:
                     self.incident,
                     nursery,
                     self.prefix,
+                    self.poll,
                 )
                 try:
                     await self._serve()

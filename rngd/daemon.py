@@ -29,6 +29,7 @@ from rngd.config import ConfigError, DaemonConfig
 from rngd.connection import Connection
 from rngd.incidents import IncidentLog
 from rngd.observe import Peer, describe, peer_of
+from rngd.ring import BusyPoll
 from rngd.source import EntropySource, SourceError
 from rngd.systemd import Notifier, check_listening, socket_address
 
@@ -165,7 +166,9 @@ class Daemon:
     """The daemon's resources: created synchronously, so that every configuration error is
     reported (and the process can exit) before the event loop starts or a guest connects."""
 
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, *, poll: BusyPoll | None = None) -> None:
+        """`poll` replaces the one `config.poll_us` makes (tests use one that outlasts them,
+        so that what they check does not hang on how soon they look)."""
         config.validate()
         self.config = config
         try:
@@ -202,6 +205,10 @@ class Daemon:
         self.scheduler = BandwidthScheduler(
             config.max_bytes, config.period_ms / 1000, config.socket_count, config.share
         )
+        #: Shared by every ring: how long each polls, and how many may at once.
+        if poll is None and config.poll_us:
+            poll = BusyPoll(config.poll_us)
+        self.poll = poll
 
     @property
     def paths(self) -> list[str]:
@@ -226,7 +233,9 @@ class Daemon:
                 peer = peer_of(self.connected)
                 log.info("%s: serving the connected socket (%s)", name, describe(peer))
                 sock = trio.socket.from_stdlib_socket(self.connected)
-                connection = Connection(sock, name, self.source, self.scheduler.guest(0), peer=peer)
+                connection = Connection(
+                    sock, name, self.source, self.scheduler.guest(0), peer=peer, poll=self.poll
+                )
                 await serve_connection(connection, self.connections)
                 root.cancel_scope.cancel()
                 return
@@ -239,10 +248,11 @@ class Daemon:
                     connections=self.connections,
                     allows=config.allows,
                     on_guests=self._guest_count,
+                    poll=self.poll,
                 )
                 root.start_soon(server.run)
             log.info(
-                "listening on %s%s (source %s, health tests %s, %s)",
+                "listening on %s%s (source %s, health tests %s, %s, %s)",
                 ", ".join(self.paths),
                 " (inherited from systemd)" if config.listen_fds else "",
                 config.filename,
@@ -250,6 +260,7 @@ class Daemon:
                 "unlimited"
                 if config.max_bytes is None
                 else f"{config.max_bytes} bytes per {config.period_ms} ms, {config.share} share",
+                f"--poll-us {config.poll_us}",
             )
             task_status.started(self.paths)
             self.notifier.notify(f"READY=1\nSTATUS={self._status()}")
@@ -297,10 +308,12 @@ class Daemon:
 async def serve(
     config: DaemonConfig,
     *,
+    poll: BusyPoll | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a daemon for `config` until cancelled (the in-process entry point tests use)."""
-    with Daemon(config) as daemon:
+    """Run a daemon for `config` (with `poll`, if given, for its rings) until cancelled (the
+    in-process entry point tests use)."""
+    with Daemon(config, poll=poll) as daemon:
         await daemon.serve(task_status=task_status)
 
 
@@ -375,6 +388,7 @@ class SocketServer:
         connections: set[Connection] | None = None,
         allows: Callable[[int | None], bool] = lambda uid: True,
         on_guests: Callable[[int], None] | None = None,
+        poll: BusyPoll | None = None,
     ) -> None:
         self.name = name
         self.accept = accept
@@ -386,6 +400,8 @@ class SocketServer:
         self.allows = allows
         #: Told +1 when a VMM's connection is served, -1 when it ends.
         self.on_guests = on_guests
+        #: How its connections' rings poll before they sleep (None: never).
+        self.poll = poll
         #: The connection served, or the last one queued behind it.
         self.current: _Served | None = None
         self.refusals = IncidentLog(log, f"{name}: ")
@@ -455,7 +471,12 @@ class SocketServer:
                 # The connect line, with the negotiated features, is the connection's.
                 log.debug("%s: serving a VMM (%s)", self.name, describe(served.peer))
                 connection = Connection(
-                    served.sock, self.name, self.source, self.budget, peer=served.peer
+                    served.sock,
+                    self.name,
+                    self.source,
+                    self.budget,
+                    peer=served.peer,
+                    poll=self.poll,
                 )
                 try:
                     await serve_connection(connection, self.connections, self.on_guests)

@@ -42,7 +42,7 @@ from rngd.protocol.session import (
     VringChanged,
     VringConfig,
 )
-from rngd.ring import VringWorker, serve_vring
+from rngd.ring import BusyPoll, VringWorker, serve_vring
 from rngd.source import EntropySource, GuestMemoryFault, SourceError
 from rngd.threads import ThreadStartError
 from rngd.virtqueue import RingError, SplitQueue
@@ -103,6 +103,7 @@ class Device:
         incident: IncidentLog,
         nursery: trio.Nursery,
         prefix: str,
+        poll: BusyPoll | None = None,
     ) -> None:
         self.session = session
         self.source = source
@@ -112,6 +113,8 @@ class Device:
         #: Where the vrings' tasks run: the connection's, cancelled at a disconnect.
         self._nursery = nursery
         self.prefix = prefix
+        #: How the rings poll for requests before they sleep (None: they never do).
+        self.poll = poll
         self.memory: GuestMemory | None = None
         self.vrings = [Vring(i) for i in range(session.num_queues)]
         #: Memory tables and vring starts so far: the first of each is logged at INFO, the
@@ -370,7 +373,13 @@ class Device:
             with trio.CancelScope() as scope:
                 vring.scope = scope
                 worker = VringWorker(
-                    queue, self.source, self.budget, vring.kick_fd, vring.call, self.incident
+                    queue,
+                    self.source,
+                    self.budget,
+                    vring.kick_fd,
+                    vring.call,
+                    self.incident,
+                    self.poll,
                 )
                 await serve_vring(
                     worker,

@@ -20,6 +20,7 @@ import io
 import math
 import operator
 import os
+import queue as queues
 import select
 import time
 from collections.abc import Callable
@@ -54,6 +55,40 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")
 _FIRST = operator.itemgetter(0)
 _SECOND = operator.itemgetter(1)
 _EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
+
+
+class BusyPoll:
+    """How a ring's thread waits for the guest's next request after serving one: it looks at
+    the avail index for up to `window` seconds before it asks for a kick and sleeps in epoll
+    (QEMU's poll-us, vhost-net's busyloop_timeout). One is shared by every ring of a daemon.
+
+    The Linux driver keeps one request in flight and posts the next as soon as it has the
+    last, so a thread that sleeps at once pays a wake-up, and the guest a kick, per request.
+    While the ring polls it does not ask for a kick (avail_event stays behind the avail
+    index), so the driver posts without one; when the window closes it asks, then looks
+    once more before sleeping, so that a request posted in between is never missed. Each
+    look yields the CPU (`sched_yield`, which also releases the GIL): a vCPU thread, the
+    event loop or another ring's thread that wants this core gets it first. At most `slots`
+    rings poll at once, the CPUs but one (at least one), so that polling never holds every
+    core; a ring that finds no slot free sleeps at once. Idle, nothing polls: a poll only
+    follows a request.
+    """
+
+    __slots__ = ("give", "take", "window")
+
+    def __init__(self, microseconds: int, slots: int | None = None) -> None:
+        if slots is None:
+            slots = max(1, len(os.sched_getaffinity(0)) - 1)
+        #: Seconds a ring polls after a request; 0: it sleeps at once.
+        self.window = microseconds / 1e6
+        # Slots as tokens in a queue: taking and giving one back are single C calls, atomic
+        # under the GIL (a threading.Semaphore would be Python code around a Condition).
+        tokens: queues.SimpleQueue[None] = queues.SimpleQueue()
+        for _ in range(slots):
+            tokens.put(None)
+        #: Take a slot (queue.Empty: none free) and give it back.
+        self.take = tokens.get_nowait
+        self.give = tokens.put
 
 
 async def serve_vring(
@@ -112,6 +147,7 @@ class VringWorker:
         kick_fd: int,
         call: VringSignal,
         incident: IncidentLog,
+        poll: BusyPoll | None = None,
     ) -> None:
         self.counts = RingCounters()
         self.queue = queue
@@ -120,6 +156,8 @@ class VringWorker:
         self.kick_fd = kick_fd
         self.call = call
         self.incident = incident
+        #: How long to poll for the next request before sleeping (None: never).
+        self.poll = poll
         #: trio's clock as the thread reads it cheaply: `clock_reader() + clock_offset` is
         #: trio time.
         self.clock_reader, self.clock_offset = clock_reader(trio.lowlevel.current_clock())
@@ -213,6 +251,11 @@ class VringWorker:
         clock = self.clock_reader
         unlimited = self.unlimited
         counts = self.counts
+        busy_poll = self.poll
+        window = busy_poll.window if busy_poll is not None else 0.0
+        take_slot, give_slot = (busy_poll.take, busy_poll.give) if busy_poll else (None, None)
+        yield_cpu = os.sched_yield
+        polling = False
         while True:
             # (The used index always equals the avail index consumed: requests are completed
             # in order, and none is kept across a stop.)
@@ -254,8 +297,12 @@ class VringWorker:
                     release()  # the element before the index that publishes it
                     acquire()
                 used[1] = queue.published_used = start
-                # The driver keeps one request in flight: expect the ring to be empty now.
-                used[avail_event_slot] = start
+                # The driver keeps one request in flight: expect the ring to be empty now, and
+                # ask for a kick, unless it is polled for the next (below).
+                if window:
+                    polling = True
+                else:
+                    used[avail_event_slot] = start
                 empty = True
             else:
                 if waiting:
@@ -264,10 +311,14 @@ class VringWorker:
                         raise _Stopped
                     queue.publish_used()
                 # Re-arm only if the ring looks empty: a busy ring is not asked for kicks.
+                # After serving, poll first (as above); woken for nothing, sleep.
                 start = queue.next_avail
                 empty = avail[1] == start
                 if empty:
-                    used[avail_event_slot] = start
+                    if waiting and window:
+                        polling = True
+                    else:
+                        used[avail_event_slot] = start
             # One fence for both handshakes: our used index before the driver's used_event
             # is read, our avail_event before its avail index is read again.
             release()
@@ -286,9 +337,38 @@ class VringWorker:
                     counts.interrupts += 1
                 queue.signalled_used = start
             if not empty or avail[1] != start:
+                if polling:
+                    counts.polled += 1  # posted without a kick: we had not asked for one
                 if self.stopping:
                     raise _Stopped
                 continue
+            if polling:
+                # BusyPoll: look for the next request before asking for a kick. (Without a
+                # slot free, ask at once.)
+                polling = False
+                assert take_slot is not None and give_slot is not None
+                try:
+                    take_slot()
+                except queues.Empty:
+                    pass
+                else:
+                    try:
+                        end = clock() + window
+                        while avail[1] == start and clock() < end and not self.stopping:
+                            yield_cpu()
+                    finally:
+                        give_slot(None)
+                if avail[1] == start:
+                    # Ask for a kick, then look again: a request posted before the driver saw
+                    # avail_event would have none (the fence as above).
+                    used[avail_event_slot] = start
+                    release()
+                    acquire()
+                if avail[1] != start:
+                    counts.polled += 1
+                    if self.stopping:
+                        raise _Stopped
+                    continue
             # A stop is told by the stop fd while asleep, by `stopping` while busy. At most
             # two events (kick, stop): without the bound, epoll.poll allocates room for 1023.
             for fd, events in poll(None, 2):

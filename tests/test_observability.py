@@ -38,7 +38,7 @@ def fields(line: str) -> dict[str, str]:
 def counters(line: str) -> dict[str, float]:
     f = fields(line)
     out = {key: float(f[key]) for key in ("requests", "bytes", "held_back", "malformed")}
-    out |= {key: float(f[key]) for key in ("kicks", "interrupts")}
+    out |= {key: float(f[key]) for key in ("kicks", "interrupts", "polled")}
     out["parked"] = float(f["parked"].removesuffix("s"))
     out["uptime"] = float(f["uptime"].removesuffix("s"))
     return out
@@ -92,6 +92,8 @@ async def test_one_line_at_connect_one_with_the_counters_at_disconnect(workdir: 
     # Each start's kick fd comes signalled (as QEMU's), which may wake the ring once more.
     assert 1 <= c["kicks"] <= kicks + 2
     assert 2 <= c["interrupts"] <= n + m
+    # A request the guest posted without a kick was one the ring polled for (--poll-us).
+    assert c["polled"] <= n + m <= kicks + c["polled"]
 
 
 async def test_rate_limit_shows_as_bytes_held_back_and_time_parked(workdir: str) -> None:
@@ -217,11 +219,12 @@ def test_counter_line_format() -> None:
 
     ring = RingCounters()
     ring.requests, ring.bytes, ring.kicks, ring.interrupts, ring.parked = 3, 192, 2, 3, 0.25
+    ring.polled = 1
     total = ConnectionCounters()
     total.ring_started(ring)
     total.malformed = 1
     assert str(total.total()) == (
-        "requests=3 bytes=192 held_back=0 parked=0.250s malformed=1 kicks=2 interrupts=3"
+        "requests=3 bytes=192 held_back=0 parked=0.250s malformed=1 kicks=2 interrupts=3 polled=1"
     )
     total.ring_stopped(ring)
     assert not total.running and str(total) == str(total.total())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import socket
@@ -12,11 +13,15 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 import rngd
 from rngd.config import DaemonConfig
+
+if TYPE_CHECKING:
+    from rngd.ring import BusyPoll
 
 
 class DaemonFailed(AssertionError):
@@ -176,12 +181,13 @@ async def daemon_process(
 
 @asynccontextmanager
 async def daemon_in_process(
-    socket_path: str | None = None, **settings: object
+    socket_path: str | None = None, *, poll: BusyPoll | None = None, **settings: object
 ) -> AsyncIterator[list[str]]:
     """Serve `rngd.daemon.serve` in this trio run until the block ends; yield socket paths.
 
-    ``settings`` are `DaemonConfig` fields. Without ``socket_path`` the sockets go in a fresh
-    temporary directory, removed afterwards.
+    ``settings`` are `DaemonConfig` fields; ``poll``, if given, is the rings' instead of the
+    one ``poll_us`` makes. Without ``socket_path`` the sockets go in a fresh temporary
+    directory, removed afterwards.
     """
     from rngd.daemon import serve
 
@@ -189,7 +195,7 @@ async def daemon_in_process(
         path = os.path.join(tmp, "rng.sock") if socket_path is None else socket_path
         config = DaemonConfig(path, **settings)  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
-            paths: list[str] = await nursery.start(serve, config)
+            paths: list[str] = await nursery.start(functools.partial(serve, config, poll=poll))
             try:
                 yield paths
             finally:
