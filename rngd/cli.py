@@ -140,9 +140,9 @@ def run(
         typer.Option(
             "--poll-us",
             help="After serving a request, look for the guest's next one for this many "
-            f"microseconds (0..{MAX_POLL_US}) before sleeping: the guest need not kick and "
-            "need not wait for a wake-up. At most one ring per CPU but one polls at a time; "
-            "0 never polls.",
+            f"microseconds (0..{MAX_POLL_US}) before sleeping: the guest need not kick nor "
+            "wait for a wake-up, for more CPU time. At most one ring per CPU but one polls "
+            "at a time; 0 never polls.",
         ),
     ] = DEFAULT_POLL_US,
     log_level: Annotated[

@@ -12,8 +12,9 @@ from rngd.health import HealthMode
 #: The original's default and maximum period: 2^16 ms.
 MAX_PERIOD_MS = 65536
 #: How long a ring's thread looks for the guest's next request after serving one, before it
-#: sleeps (`--poll-us`; docs/performance.md has the measurements behind the default).
-DEFAULT_POLL_US = 50
+#: sleeps (`--poll-us`). Off: a poll buys a real guest throughput with CPU time, a trade for
+#: the operator to make (docs/performance.md has the measurements).
+DEFAULT_POLL_US = 0
 #: Longer polls only burn a core: a guest that takes this long to post again is not waiting.
 MAX_POLL_US = 10_000
 

@@ -57,11 +57,6 @@ _SECOND = operator.itemgetter(1)
 _EPOLL_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 
 
-#: A look at the ring during a poll that takes longer than this (µs) let something else run
-#: on our core first: the poll ends, and the ring sleeps.
-CROWDED_US = 10
-
-
 class BusyPoll:
     """How a ring's thread waits for the guest's next request after serving one: it looks at
     the avail index for up to `window` seconds before it asks for a kick and sleeps in epoll
@@ -73,24 +68,19 @@ class BusyPoll:
     index), so the driver posts without one; when the window closes it asks, then looks
     once more before sleeping, so that a request posted in between is never missed. Each
     look yields the CPU (`sched_yield`, which also releases the GIL): a vCPU thread, the
-    event loop or another ring's thread that wants this core gets it first, and a look that
-    came back late (`crowded`) ends the poll, so the ring stops competing. At most `slots`
+    event loop or another ring's thread that wants this core gets it first. At most `slots`
     rings poll at once, the CPUs but one (at least one), so that polling never holds every
     core; a ring that finds no slot free sleeps at once. Idle, nothing polls: a poll only
     follows a request.
     """
 
-    __slots__ = ("crowded", "give", "take", "window")
+    __slots__ = ("give", "take", "window")
 
-    def __init__(
-        self, microseconds: int, slots: int | None = None, crowded_us: float = CROWDED_US
-    ) -> None:
+    def __init__(self, microseconds: int, slots: int | None = None) -> None:
         if slots is None:
             slots = max(1, len(os.sched_getaffinity(0)) - 1)
         #: Seconds a ring polls after a request; 0: it sleeps at once.
         self.window = microseconds / 1e6
-        #: Seconds one look may take before the poll gives way.
-        self.crowded = crowded_us / 1e6
         # Slots as tokens in a queue: taking and giving one back are single C calls, atomic
         # under the GIL (a threading.Semaphore would be Python code around a Condition).
         tokens: queues.SimpleQueue[None] = queues.SimpleQueue()
@@ -263,7 +253,6 @@ class VringWorker:
         counts = self.counts
         busy_poll = self.poll
         window = busy_poll.window if busy_poll is not None else 0.0
-        crowded = busy_poll.crowded if busy_poll is not None else 0.0
         take_slot, give_slot = (busy_poll.take, busy_poll.give) if busy_poll else (None, None)
         yield_cpu = os.sched_yield
         polling = False
@@ -364,16 +353,9 @@ class VringWorker:
                     pass
                 else:
                     try:
-                        last = clock()
-                        end = last + window
-                        while avail[1] == start and not self.stopping:
+                        end = clock() + window
+                        while avail[1] == start and clock() < end and not self.stopping:
                             yield_cpu()
-                            now = clock()
-                            # A look that took long ran something else on this core first
-                            # (a vCPU, another ring): it needs the CPU more than we do.
-                            if now >= end or now - last > crowded:
-                                break
-                            last = now
                     finally:
                         give_slot(None)
                 if avail[1] == start:

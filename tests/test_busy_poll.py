@@ -2,15 +2,14 @@
 and sleeps; at most as many rings poll at once as the poll has slots; a stop ends a poll at
 once; without polling, every completion already asks for the next kick.
 
-The polls here outlast the tests (a minute, and never cut short by a slow look), so what they
-check never depends on how soon the test looks: a ring that is polling has not asked for a
-kick, and stays so until the test posts, or stops it.
+The polls here outlast the tests (a minute), so what they check never depends on how soon
+the test looks: a ring that is polling has not asked for a kick, and stays so until the test
+posts, or stops it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 
@@ -48,7 +47,7 @@ async def test_a_polling_ring_serves_the_next_request_without_a_kick(
     source: tuple[str, bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="rngd")
-    poll = BusyPoll(FOREVER_US, crowded_us=math.inf)
+    poll = BusyPoll(FOREVER_US)
     with trio.fail_after(STEP_TIMEOUT):
         async with daemon_in_process(filename=source[0], poll=poll) as paths:
             async with await Frontend.connect(paths[0]) as vmm:
@@ -72,7 +71,7 @@ async def test_only_as_many_rings_poll_at_once_as_the_poll_has_slots(
 ) -> None:
     """One slot, two guests: the first guest's ring polls; the second's, finding no slot
     free, asks for a kick at once, and still serves every request."""
-    poll = BusyPoll(FOREVER_US, slots=1, crowded_us=math.inf)
+    poll = BusyPoll(FOREVER_US, slots=1)
     with trio.fail_after(STEP_TIMEOUT):
         async with (
             daemon_in_process(filename=source[0], socket_count=2, poll=poll) as paths,
@@ -99,8 +98,8 @@ async def test_only_as_many_rings_poll_at_once_as_the_poll_has_slots(
 async def test_without_polling_every_completion_asks_for_the_next_kick(
     source: tuple[str, bytes],
 ) -> None:
-    """--poll-us 0: the ring asks for a kick before it completes the request, so that a
-    driver that kicks only when asked never waits on a sleeping ring."""
+    """--poll-us 0 (the default): the ring asks for a kick before it completes the request,
+    so that a driver that kicks only when asked never waits on a sleeping ring."""
     with trio.fail_after(STEP_TIMEOUT):
         async with (
             daemon_in_process(filename=source[0], poll_us=0) as paths,

@@ -65,13 +65,21 @@ def me() -> str:
     return f"pid={os.getpid()} uid={os.getuid()} gid={os.getgid()}"
 
 
-async def test_one_line_at_connect_one_with_the_counters_at_disconnect(workdir: str) -> None:
+@pytest.mark.parametrize("poll_us", [0, 50])
+async def test_one_line_at_connect_one_with_the_counters_at_disconnect(
+    workdir: str, poll_us: int
+) -> None:
     """N requests of 64 B one at a time, a reboot on the same connection, M more: one connect
     line (peer, features) for the connection, and one disconnect line counting N + M requests
     and 64 (N + M) bytes, nothing held back or malformed, kicks and interrupts as the guest
-    made and waited for them."""
+    made and waited for them; with --poll-us, every request it posted without a kick found
+    by a poll."""
     n, m = 40, 25
-    async with daemon_process(os.path.join(workdir, "rng.sock"), log_level="info") as daemon:
+    async with daemon_process(
+        os.path.join(workdir, "rng.sock"),
+        log_level="info",
+        extra_args=("--poll-us", str(poll_us)),
+    ) as daemon:
         async with await Frontend.connect(daemon.socket_paths[0]) as vmm:
             queue = await vmm.start_qemu72(4)
             assert len(await vmm.read_random(64 * n)) == 64 * n
@@ -81,6 +89,8 @@ async def test_one_line_at_connect_one_with_the_counters_at_disconnect(workdir: 
             kicks += queue.kicks
         line = await last_disconnect(daemon)
         (connected,) = lines_with(daemon, "VMM connected")
+        (listening,) = lines_with(daemon, "listening on")
+    assert f"--poll-us {poll_us})" in listening
     assert f"rng.sock0: VMM connected: {me()} features=" in connected
     features = fields(connected)
     assert int(features["features"], 16) & (1 << 32)  # VERSION_1
