@@ -338,6 +338,7 @@ class VringWorker:
                 queue.signalled_used = start
             if not empty or avail[1] != start:
                 if polling:
+                    polling = False
                     counts.polled += 1  # posted without a kick: we had not asked for one
                 if self.stopping:
                     raise _Stopped
