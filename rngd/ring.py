@@ -253,16 +253,16 @@ class VringWorker:
         counts = self.counts
         busy_poll = self.poll
         window = busy_poll.window if busy_poll is not None else 0.0
-        take_slot, give_slot = (busy_poll.take, busy_poll.give) if busy_poll else (None, None)
-        yield_cpu = os.sched_yield
         polling = False
         while True:
             # (The used index always equals the avail index consumed: requests are completed
             # in order, and none is kept across a stop.)
             start = queue.next_avail
             waiting = (avail[1] - start) & 0xFFFF
-            if waiting and not loads_ordered:
-                release()  # the avail index before the entry and descriptor it publishes
+            if waiting == 1 and not loads_ordered:
+                # The avail index before the entry and descriptor it publishes (several
+                # requests go to `serve_batch`, whose `pending` fences for itself).
+                release()
                 acquire()
             if (
                 waiting == 1
@@ -347,18 +347,18 @@ class VringWorker:
                 # BusyPoll: look for the next request before asking for a kick. (Without a
                 # slot free, ask at once.)
                 polling = False
-                assert take_slot is not None and give_slot is not None
+                assert busy_poll is not None  # polling is set only with a window
                 try:
-                    take_slot()
+                    busy_poll.take()
                 except queues.Empty:
                     pass
                 else:
                     try:
                         end = clock() + window
                         while avail[1] == start and clock() < end and not self.stopping:
-                            yield_cpu()
+                            os.sched_yield()
                     finally:
-                        give_slot(None)
+                        busy_poll.give(None)
                 if avail[1] == start:
                     # Ask for a kick, then look again: a request posted before the driver saw
                     # avail_event would have none (the fence as above).

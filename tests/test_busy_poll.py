@@ -10,8 +10,8 @@ posts, or stops it.
 from __future__ import annotations
 
 import logging
-import os
 import re
+from pathlib import Path
 
 import pytest
 import trio
@@ -112,7 +112,7 @@ async def test_without_polling_every_completion_asks_for_the_next_kick(
 
 
 @pytest.mark.parametrize("poll_us", [-1, MAX_POLL_US + 1])
-def test_poll_us_out_of_range_is_refused(poll_us: int, tmp_path: object) -> None:
-    config = DaemonConfig(os.path.join(str(tmp_path), "rng.sock"), poll_us=poll_us)
+def test_poll_us_out_of_range_is_refused(poll_us: int, tmp_path: Path) -> None:
+    config = DaemonConfig(str(tmp_path / "rng.sock"), poll_us=poll_us)
     with pytest.raises(ConfigError, match=f"--poll-us must be in 0..{MAX_POLL_US}"):
         config.validate()
