@@ -259,7 +259,7 @@ class VringWorker:
             # in order, and none is kept across a stop.)
             start = queue.next_avail
             waiting = (avail[1] - start) & 0xFFFF
-            if waiting == 1 and not loads_ordered:
+            if not loads_ordered and waiting == 1:
                 # The avail index before the entry and descriptor it publishes (several
                 # requests go to `serve_batch`, whose `pending` fences for itself).
                 release()
